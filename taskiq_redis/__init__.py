@@ -1,0 +1,1 @@
+"""Redis brokers, result backends and schedule sources for taskiq."""
