@@ -1,0 +1,1 @@
+"""Brokers: one module per broker type, each written once for every topology."""

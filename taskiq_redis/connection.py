@@ -1,0 +1,153 @@
+"""Single node, cluster and sentinel behind one small interface.
+
+Brokers, result backends and schedule sources are written once against
+:class:`RedisConnection`; the topology is only a choice of factory here. Commands go through
+:meth:`RedisConnection.execute`, which is ``execute_command`` of the underlying redis-py client,
+so routing (cluster slots, sentinel failover) stays redis-py's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import PubSub
+
+    Client: TypeAlias = "Redis | RedisCluster"
+
+Topology = Literal["single", "cluster", "sentinel"]
+
+
+class RedisConnection:
+    """The client of one topology and how to close it.
+
+    ``client`` is a ``redis.asyncio.Redis`` (single node, or the sentinel's current primary)
+    or a ``redis.asyncio.RedisCluster``; both borrow a pooled connection per command, so a
+    blocking read holds one connection and never stalls the others.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        topology: Topology,
+        closers: list[Callable[[], Awaitable[None]]],
+        pool: BlockingConnectionPool | None = None,
+        sentinel: Sentinel | None = None,
+    ) -> None:
+        self.client = client
+        self.topology: Topology = topology
+        self.pool = pool
+        self.sentinel = sentinel
+        self._closers = closers
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether keys are spread over slots, so every script call must stay in one slot."""
+        return self.topology == "cluster"
+
+    async def execute(self, *args: Any, **options: Any) -> Any:
+        """Send one command and return redis-py's parsed reply."""
+        return await self.client.execute_command(*args, **options)
+
+    def pubsub(self) -> PubSub:
+        """A pub/sub session; on a cluster it follows the nodes that own the channels."""
+        return self.client.pubsub()
+
+    async def close(self) -> None:
+        """Close every socket this connection opened (pools, sentinel links)."""
+        for closer in self._closers:
+            await closer()
+
+
+def single_node(
+    url: str,
+    max_connection_pool_size: int | None = None,
+    **connection_kwargs: Any,
+) -> RedisConnection:
+    """One Redis server: a ``BlockingConnectionPool`` from ``url``, as in taskiq-redis 1.2."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connection_pool_size,
+        **connection_kwargs,
+    )
+    client = Redis(connection_pool=pool)
+    return RedisConnection(client, "single", [client.aclose, pool.disconnect], pool=pool)
+
+
+def cluster(
+    url: str,
+    max_connection_pool_size: int | None = None,
+    **connection_kwargs: Any,
+) -> RedisConnection:
+    """A Redis Cluster found from one node's ``url``; keyword arguments go to ``RedisCluster``."""
+    if max_connection_pool_size is not None:
+        connection_kwargs["max_connections"] = max_connection_pool_size
+    client = RedisCluster.from_url(url, **connection_kwargs)
+    return RedisConnection(client, "cluster", [client.aclose])
+
+
+def sentinel(
+    sentinels: list[tuple[str, int]],
+    master_name: str,
+    min_other_sentinels: int = 0,
+    sentinel_kwargs: Any | None = None,
+    max_connection_pool_size: int | None = None,
+    **connection_kwargs: Any,
+) -> RedisConnection:
+    """The primary that the sentinels name ``master_name``; it is looked up again on failover."""
+    if max_connection_pool_size is not None:
+        connection_kwargs["max_connections"] = max_connection_pool_size
+    watcher = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels,
+        min_other_sentinels=min_other_sentinels,
+        sentinel_kwargs=sentinel_kwargs,
+        **connection_kwargs,
+    )
+    client = watcher.master_for(master_name)
+    closers: list[Callable[[], Awaitable[None]]] = [client.aclose]
+    closers += [link.aclose for link in watcher.sentinels]
+    return RedisConnection(client, "sentinel", closers, sentinel=watcher)
+
+
+class SingleNodeAttributes:
+    """The public attributes taskiq-redis 1.2 gave its single-node classes."""
+
+    _conn: RedisConnection
+
+    @property
+    def connection_pool(self) -> BlockingConnectionPool:
+        """The connection pool every command borrows from."""
+        assert self._conn.pool is not None
+        return self._conn.pool
+
+    @property
+    def redis_pool(self) -> BlockingConnectionPool:
+        """The result backend's name for :attr:`connection_pool` in taskiq-redis 1.2."""
+        return self.connection_pool
+
+
+class ClusterAttributes:
+    """The public attribute taskiq-redis 1.2 gave its cluster classes."""
+
+    _conn: RedisConnection
+
+    @property
+    def redis(self) -> RedisCluster:
+        """The cluster client."""
+        assert isinstance(self._conn.client, RedisCluster)
+        return self._conn.client
+
+
+class SentinelAttributes:
+    """The public attribute taskiq-redis 1.2 gave its sentinel classes."""
+
+    _conn: RedisConnection
+
+    @property
+    def sentinel(self) -> Sentinel:
+        """The sentinel client that names the current primary."""
+        assert self._conn.sentinel is not None
+        return self._conn.sentinel

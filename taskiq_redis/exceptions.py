@@ -1,0 +1,30 @@
+"""Errors the package raises; the names and bases are those of taskiq-redis 1.2."""
+
+from taskiq.exceptions import ResultBackendError, ResultGetError, TaskiqError
+
+
+class TaskIQRedisError(TaskiqError):
+    """Base of every error raised by this package."""
+
+
+class DuplicateExpireTimeSelectedError(ResultBackendError, TaskIQRedisError):
+    """Both result_ex_time and result_px_time were given; only one can decide the expiry."""
+
+    __template__ = "Choose either result_ex_time or result_px_time."
+
+
+class ExpireTimeMustBeMoreThanZeroError(ResultBackendError, TaskIQRedisError):
+    """An expiry of zero or less would delete a result the moment it is written."""
+
+    __template__ = "You must select one expire time param and it must be more than zero."
+
+
+class ResultIsMissingError(TaskIQRedisError, ResultGetError):
+    """No result is stored for the task (not finished, expired, or already read and deleted)."""
+
+
+class ScriptError(TaskIQRedisError):
+    """A Lua script is missing, malformed, or called with the wrong keys."""
+
+    __template__ = "{description}"
+    description: str
