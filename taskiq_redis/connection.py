@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 
+from taskiq_redis.pipelining import AutoPipeline
+
 if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
 
@@ -38,6 +40,7 @@ class RedisConnection:
         sentinel: Sentinel | None = None,
     ) -> None:
         self.client = client
+        self._pipeline = AutoPipeline(client)
         self.topology: Topology = topology
         self.pool = pool
         self.sentinel = sentinel
@@ -49,8 +52,12 @@ class RedisConnection:
         return self.topology == "cluster"
 
     async def execute(self, *args: Any, **options: Any) -> Any:
-        """Send one command and return redis-py's parsed reply."""
-        return await self.client.execute_command(*args, **options)
+        """Send one command and return redis-py's parsed reply.
+
+        Commands issued concurrently in one event-loop tick share a round trip (see
+        :mod:`pipelining`); blocking commands are always sent on their own.
+        """
+        return await self._pipeline.execute(*args, **options)
 
     def pubsub(self) -> PubSub:
         """A pub/sub session; on a cluster it follows the nodes that own the channels."""
