@@ -1,0 +1,233 @@
+"""Result backends on every topology, seen through what a taskiq user calls."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from taskiq import TaskiqResult
+from taskiq.depends.progress_tracker import TaskProgress, TaskState
+from taskiq.serializers import JSONSerializer
+
+from taskiq_redis import (
+    RedisAsyncClusterResultBackend,
+    RedisAsyncResultBackend,
+    RedisAsyncSentinelResultBackend,
+)
+from taskiq_redis.exceptions import (
+    DuplicateExpireTimeSelectedError,
+    ExpireTimeMustBeMoreThanZeroError,
+    ResultIsMissingError,
+    TaskIQRedisError,
+)
+from taskiq_redis.result_backend import BaseRedisResultBackend
+from tests.servers import AsyncRedisClient, Topology
+
+Backend = BaseRedisResultBackend[Any]
+
+
+@pytest.fixture
+def make_backend(topology: Topology) -> Callable[..., Backend]:
+    """Build the public backend class of this topology with the given options."""
+
+    def make(**options: Any) -> Backend:
+        cls = topology.pick(
+            single=RedisAsyncResultBackend,
+            cluster=RedisAsyncClusterResultBackend,
+            sentinel=RedisAsyncSentinelResultBackend,
+        )
+        backend: Backend = cls(**topology.kwargs("redis_url"), **options)
+        return backend
+
+    return make
+
+
+@pytest.fixture
+async def backend(make_backend: Callable[..., Backend]) -> AsyncIterator[Backend]:
+    started = make_backend()
+    await started.startup()
+    yield started
+    await started.shutdown()
+
+
+def a_result(value: Any = 42, log: str | None = None) -> TaskiqResult[Any]:
+    return TaskiqResult(is_err=False, return_value=value, execution_time=0.5, log=log)
+
+
+async def test_result_round_trip_keeps_every_field(backend: Backend, unique: str) -> None:
+    result = TaskiqResult(
+        is_err=False,
+        return_value={"answer": [1, 2, 3]},
+        execution_time=1.25,
+        labels={"queue_name": "q"},
+    )
+    assert not await backend.is_result_ready(unique)
+    await backend.set_result(unique, result)
+    assert await backend.is_result_ready(unique)
+    assert await backend.get_result(unique) == result
+    assert await backend.get_result(unique) == result, "keep_results=True keeps it readable"
+
+
+async def test_error_result_brings_the_exception_back(backend: Backend, unique: str) -> None:
+    await backend.set_result(
+        unique,
+        TaskiqResult(is_err=True, return_value=None, execution_time=0.1, error=ValueError("no")),
+    )
+    read = await backend.get_result(unique)
+    assert read.is_err
+    with pytest.raises(ValueError, match="no"):
+        read.raise_for_error()
+
+
+async def test_log_is_dropped_unless_asked_for(backend: Backend, unique: str) -> None:
+    await backend.set_result(unique, a_result(log="printed by the task"))
+    assert (await backend.get_result(unique)).log is None
+    assert (await backend.get_result(unique, with_logs=True)).log == "printed by the task"
+
+
+async def test_missing_result_raises(backend: Backend, unique: str) -> None:
+    with pytest.raises(ResultIsMissingError):
+        await backend.get_result(unique)
+
+
+async def test_delete_after_reading_removes_result_and_progress(
+    make_backend: Callable[..., Backend], unique: str
+) -> None:
+    backend = make_backend(keep_results=False)
+    await backend.startup()
+    try:
+        await backend.set_progress(unique, TaskProgress(state=TaskState.STARTED, meta={"n": 1}))
+        await backend.set_result(unique, a_result())
+        assert (await backend.get_result(unique)).return_value == 42
+        assert not await backend.is_result_ready(unique)
+        assert await backend.get_progress(unique) is None
+        with pytest.raises(ResultIsMissingError):
+            await backend.get_result(unique)
+    finally:
+        await backend.shutdown()
+
+
+async def test_delete_after_reading_hands_the_result_to_one_reader(
+    make_backend: Callable[..., Backend], unique: str
+) -> None:
+    backend = make_backend(keep_results=False)
+    await backend.startup()
+    try:
+        await backend.set_result(unique, a_result())
+        outcomes = await asyncio.gather(
+            *(backend.get_result(unique) for _ in range(20)), return_exceptions=True
+        )
+        got = [o for o in outcomes if isinstance(o, TaskiqResult)]
+        missing = [o for o in outcomes if isinstance(o, ResultIsMissingError)]
+        assert (len(got), len(missing)) == (1, 19)
+    finally:
+        await backend.shutdown()
+
+
+async def test_progress_round_trip(backend: Backend, unique: str) -> None:
+    assert await backend.get_progress(unique) is None
+    progress = TaskProgress(state=TaskState.STARTED, meta={"done": 3, "of": 10})
+    await backend.set_progress(unique, progress)
+    assert await backend.get_progress(unique) == progress
+
+
+@pytest.mark.parametrize("expiry", [{"result_ex_time": 1}, {"result_px_time": 300}])
+async def test_results_and_progress_expire(
+    make_backend: Callable[..., Backend], unique: str, expiry: dict[str, int]
+) -> None:
+    backend = make_backend(**expiry)
+    await backend.startup()
+    try:
+        await backend.set_result(unique, a_result())
+        await backend.set_progress(unique, TaskProgress(state=TaskState.STARTED, meta=None))
+        assert await backend.is_result_ready(unique)
+        assert await backend.get_progress(unique) is not None
+        await asyncio.sleep(1.2 if "result_ex_time" in expiry else 0.5)
+        assert not await backend.is_result_ready(unique)
+        assert await backend.get_progress(unique) is None
+    finally:
+        await backend.shutdown()
+
+
+async def test_prefix_puts_results_under_it(
+    make_backend: Callable[..., Backend], raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    backend = make_backend(prefix_str=f"p{unique}")
+    await backend.startup()
+    try:
+        await backend.set_result("task", a_result())
+        assert await raw_redis.exists(f"p{unique}:task") == 1
+        assert (await backend.get_result("task")).return_value == 42
+    finally:
+        await backend.shutdown()
+
+
+async def test_reads_a_result_written_as_taskiq_redis_1_2_writes_it(
+    backend: Backend, raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    """1.2 stores pickle of ``model_dump(mode="json")`` under the task id: switching keeps it."""
+    await raw_redis.set(unique, pickle.dumps(a_result("old").model_dump(mode="json")))
+    assert (await backend.get_result(unique)).return_value == "old"
+
+
+async def test_any_taskiq_serializer_works(
+    make_backend: Callable[..., Backend], raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    backend = make_backend(serializer=JSONSerializer())
+    await backend.startup()
+    try:
+        await backend.set_result(unique, a_result([1, "two"]))
+        stored = await raw_redis.get(unique)
+        assert isinstance(stored, bytes)
+        assert stored.startswith(b"{")
+        assert (await backend.get_result(unique)).return_value == [1, "two"]
+    finally:
+        await backend.shutdown()
+
+
+async def test_results_survive_script_flush(
+    make_backend: Callable[..., Backend], raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    backend = make_backend(keep_results=False)
+    await backend.startup()
+    try:
+        await backend.set_result(f"{unique}-1", a_result(1))
+        assert (await backend.get_result(f"{unique}-1")).return_value == 1
+        await raw_redis.script_flush()
+        await backend.set_result(f"{unique}-2", a_result(2))
+        assert (await backend.get_result(f"{unique}-2")).return_value == 2
+    finally:
+        await backend.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"result_ex_time": 1, "result_px_time": 1}, DuplicateExpireTimeSelectedError),
+        ({"result_ex_time": 0}, ExpireTimeMustBeMoreThanZeroError),
+        ({"result_px_time": -5}, ExpireTimeMustBeMoreThanZeroError),
+    ],
+)
+def test_bad_expiry_is_refused(
+    make_backend: Callable[..., Backend], options: dict[str, int], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        make_backend(**options)
+    assert issubclass(error, TaskIQRedisError)
+
+
+def test_expiry_of_the_wrong_type_names_the_option(make_backend: Callable[..., Backend]) -> None:
+    with pytest.raises(TypeError, match="result_ex_time"):
+        make_backend(result_ex_time="10")
+
+
+def test_public_attributes_of_taskiq_redis_1_2(
+    make_backend: Callable[..., Backend], topology: Topology
+) -> None:
+    backend = make_backend()
+    attribute = topology.pick(single="redis_pool", cluster="redis", sentinel="sentinel")
+    assert getattr(backend, attribute) is not None
+    assert backend.keep_results is True
