@@ -78,10 +78,12 @@ def test_call_with_the_wrong_number_of_keys_is_refused() -> None:
 async def test_load_puts_every_script_on_the_server(
     topology: Topology, raw_redis: AsyncRedisClient, redis_servers: RedisServers
 ) -> None:
-    factory: Callable[..., connection.RedisConnection] = topology.pick(
-        single=connection.single_node, cluster=connection.cluster, sentinel=connection.sentinel
-    )
-    conn = factory(**topology.kwargs())
+    factories: dict[str, Callable[..., connection.RedisConnection]] = {
+        "single": connection.single_node,
+        "cluster": connection.cluster,
+        "sentinel": connection.sentinel,
+    }
+    conn = factories[topology.name](**topology.kwargs())
     known = list(scripts.all_scripts().values())
     try:
         await raw_redis.script_flush()
