@@ -39,6 +39,7 @@ QUEUE = "bench"
 GROUP = "taskiq"
 WARMUP = 100  # calls made before the clock starts, so pools hold their connections
 OP_TIMEOUT = 180.0  # a hung implementation must not hang the whole run
+STOP_GRACE = 5.0  # seconds a taskiq worker gets to exit after SIGINT
 E2E_WINDOW = 1000  # tasks in flight at most: measures steady state, not a backlog
 E2E_CLIENTS = 10  # concurrent kickers and result checkers on the client side
 
@@ -191,15 +192,26 @@ async def kick_op(cls_name: str, url: str, count: int) -> AsyncIterator[Call]:
 
 @asynccontextmanager
 async def receive_op(cls_name: str, url: str, count: int) -> AsyncIterator[Call]:
-    """Pre-load ``count`` messages with the broker's own kick, then consume via listen()."""
+    """Pre-load ``count`` messages with the broker's own kick, then consume via listen().
+
+    A figure only counts if exactly the kicked payloads came back.
+    """
     async with package_broker(cls_name, url) as broker:
         messages = broker_messages(broker, count)
         await run_calls(lambda i: broker.kick(messages[i]), 0, count, 50)
+        received: list[bytes] = []
+
+        async def take(message: bytes | AckableMessage) -> None:
+            received.append(message.data if isinstance(message, AckableMessage) else message)
+            await ack_message(message)
+
         source = broker.listen()
         try:
-            yield consumer(source, ack_message)
+            yield consumer(source, take)
         finally:
             await source.aclose()
+        if sorted(received) != sorted(m.message for m in messages):
+            raise RuntimeError("listen() did not yield exactly the kicked messages")
 
 
 @asynccontextmanager
@@ -216,7 +228,12 @@ async def result_getdel(url: str, count: int) -> AsyncIterator[Call]:
         results = task_results(count)
         ids = [uuid.uuid4().hex for _ in range(count)]
         await run_calls(lambda i: backend.set_result(ids[i], results[i]), 0, count, 50)
-        yield lambda i: backend.get_result(ids[i])
+
+        async def get(i: int) -> None:
+            if (await backend.get_result(ids[i])).return_value != i:
+                raise RuntimeError(f"result {i} came back wrong")
+
+        yield get
 
 
 @asynccontextmanager
@@ -327,8 +344,10 @@ async def measure(factory: Factory, url: str, n: int, concurrency: int) -> float
 
 async def guarded(work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
     """One operation's outcome: its figures, n/a with the reason, or the error."""
+    began = time.perf_counter()
     try:
-        return await asyncio.wait_for(work, OP_TIMEOUT)
+        outcome = await asyncio.wait_for(work, OP_TIMEOUT)
+        return outcome | {"seconds": round(time.perf_counter() - began, 2)}
     except Unavailable as exc:
         return {"na": str(exc)}
     except asyncio.TimeoutError:
@@ -390,28 +409,37 @@ def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
         )
 
 
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT as Ctrl-C would send; then make sure the whole tree has gone."""
+def stop_worker(proc: subprocess.Popen[bytes]) -> str:
+    """SIGINT as Ctrl-C would send, a short grace period, then SIGKILL the tree.
+
+    Shutdown time is not what is measured, but how the worker left is worth
+    knowing, so it is returned.
+    """
     pids = children_of(proc.pid)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    began = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(STOP_GRACE)
+        how = f"exited {proc.returncode} after SIGINT in {time.perf_counter() - began:.1f}s"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        how = f"still running {STOP_GRACE:.0f}s after SIGINT: killed"
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    return how
 
 
 @contextlib.contextmanager
-def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    env: dict[str, str], log_path: Path, exit_note: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = start_worker(env, log_path)
     try:
         yield proc
     finally:
-        stop_worker(proc)
+        exit_note["worker_exit"] = stop_worker(proc)
 
 
 async def worker_pid(proc: subprocess.Popen[bytes]) -> int:
@@ -503,8 +531,9 @@ async def end_to_end(kind: str, url: str, n: int, log_dir: Path, rss: bool) -> d
     sys.modules.pop("app", None)  # it reads the environment when imported
     app = importlib.import_module("app")
     log_path = log_dir / f"worker-{kind}-{'rss' if rss else 'e2e'}-{os.getpid()}.log"
+    outcome: dict[str, Any] = {}
     async with started(app.broker):
-        with worker_process(env, log_path) as proc:
+        with worker_process(env, log_path, outcome) as proc:
             pid = await worker_pid(proc)
             await wait_ready(app.add)
             start = proc_status(pid)
@@ -515,7 +544,7 @@ async def end_to_end(kind: str, url: str, n: int, log_dir: Path, rss: bool) -> d
             stop.set()
             await sampler
             end = proc_status(pid)
-    outcome: dict[str, Any] = {"tasks_per_s": rate, "tasks": n}
+    outcome |= {"tasks_per_s": rate, "tasks": n}
     if rss:
         outcome["start_rss_kib"] = start.get("VmRSS")
         outcome["peak_rss_kib"] = max(peak.get("VmRSS", 0), end.get("VmHWM", 0))
