@@ -8,9 +8,12 @@ so routing (cluster slots, sentinel failover) stays redis-py's job.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 
 from taskiq_redis.pipelining import AutoPipeline
@@ -58,6 +61,21 @@ class RedisConnection:
         :mod:`pipelining`); blocking commands are always sent on their own.
         """
         return await self._pipeline.execute(*args, **options)
+
+    async def execute_pipeline(self, *commands: Sequence[Any]) -> list[Any]:
+        """Send several commands in one round trip, on one pooled connection, in order.
+
+        Not a transaction. A command's error comes back in its place in the list instead of
+        being raised, so the replies before it are kept: a message a BRPOP popped must not be
+        dropped because a script after it answered NOSCRIPT. Blocking commands go through here
+        rather than :meth:`execute`, because a pipeline holds a connection of its own while it
+        waits and so never delays anyone else's command.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     def pubsub(self) -> PubSub:
         """A pub/sub session; on a cluster it follows the nodes that own the channels."""
@@ -158,3 +176,38 @@ class SentinelAttributes:
         """The sentinel client that names the current primary."""
         assert self._conn.sentinel is not None
         return self._conn.sentinel
+
+
+# Errors a listener waits out instead of raising: the server restarts, fails over or moves
+# slots, or a read times out. redis-py's own retries have given up by the time one reaches us.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.ReadOnlyError,
+    redis_errors.SlotNotCoveredError,
+    OSError,
+)
+
+
+class Backoff:
+    """Capped exponential delays between reconnect attempts, with jitter.
+
+    The jitter keeps a fleet of workers that lost the same server from reconnecting in
+    lockstep; the cap bounds how long a worker stays idle after the server is back.
+    """
+
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self.first = first
+        self.cap = cap
+        self._next = first
+
+    def reset(self) -> None:
+        """Start again from the shortest delay (after a success)."""
+        self._next = self.first
+
+    async def wait(self) -> None:
+        """Sleep for the current delay, and double the next one up to the cap."""
+        await asyncio.sleep(random.uniform(self._next / 2, self._next))
+        self._next = min(self.cap, self._next * 2)

@@ -1,0 +1,231 @@
+"""The list queue broker: each message goes to one worker, at most once.
+
+A queue is a Redis list named ``queue_name``, as in taskiq-redis 1.2: ``kick`` LPUSHes, a
+listener pops from the other end, so messages come out oldest first. A listener asks for one
+message with BRPOP and, in the same round trip (a pipeline), for up to ``batch_size - 1`` more
+with the ``list_pop`` script; a busy queue therefore costs one round trip per batch.
+
+There are no acknowledgements: a message is gone from Redis once popped. A worker killed
+while running a task loses that task, and a worker killed outright also loses the messages it
+popped but has not yet handed to taskiq (at most ``batch_size - 1``). A worker that stops
+cleanly puts those back at the end of the queue that is popped next, so they keep their place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterable
+from typing import Any
+
+from redis.exceptions import NoScriptError
+from taskiq import AsyncResultBackend, BrokerMessage
+
+from taskiq_redis import connection, scripts
+from taskiq_redis.brokers.base import BaseRedisBroker
+
+logger = logging.getLogger("taskiq.redis_broker")
+
+LIST_POP = "list_pop"
+DEFAULT_BATCH_SIZE = 10
+MAX_BATCH_SIZE = 1000
+# How long one BRPOP blocks. Below redis-py's default 5 s socket timeout, so an idle queue
+# never looks like a dead connection; it is also the longest a stopping worker waits for a
+# pop already in flight before putting its message back.
+BLOCK_SECONDS = 1
+# How long a stop waits for the answer of a pop in flight before giving up on it.
+RESCUE_SECONDS = BLOCK_SECONDS + 2.0
+
+
+def check_batch_size(batch_size: int) -> int:
+    """Refuse a batch size the ``list_pop`` script would refuse, before any worker starts."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be a whole number, got {batch_size!r}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}, got {batch_size}")
+    return batch_size
+
+
+class BaseListQueueBroker(BaseRedisBroker):
+    """The list queue broker; the public classes below only choose how to reach Redis."""
+
+    def __init__(
+        self,
+        conn: connection.RedisConnection,
+        queue_name: str = "taskiq",
+        result_backend: AsyncResultBackend[Any] | None = None,
+        task_id_generator: Callable[[], str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        super().__init__(conn, queue_name, result_backend, task_id_generator)
+        self.batch_size = check_batch_size(batch_size)
+        self._script = scripts.get(LIST_POP)
+
+    async def startup(self) -> None:
+        """Load the script now, so the first batch does not pay for a NOSCRIPT answer."""
+        await super().startup()
+        await scripts.load(self._conn, [self._script])
+
+    async def kick(self, message: BrokerMessage) -> None:
+        """Append the message to its queue: one LPUSH."""
+        await self._conn.execute("LPUSH", self.queue_of(message), message.message)
+
+    async def listen(self) -> AsyncGenerator[bytes, None]:
+        """Yield messages oldest first; connection errors are logged and waited out.
+
+        On a clean stop (the generator is closed or cancelled) the messages already popped
+        but not yet yielded go back to the queue.
+        """
+        popped: deque[bytes] = deque()
+        backoff = connection.Backoff()
+        try:
+            while True:
+                while popped:
+                    yield popped.popleft()
+                try:
+                    popped.extend(await self._pop_batch())
+                except connection.TRANSIENT_ERRORS as exc:
+                    logger.warning("Reading queue %r failed (%r); retrying", self.queue_name, exc)
+                    await backoff.wait()
+                else:
+                    backoff.reset()
+        finally:
+            await self._put_back(popped)
+
+    async def _pop_batch(self) -> list[bytes]:
+        """Wait for the oldest message, and take up to ``batch_size - 1`` after it.
+
+        BRPOP and the script travel in one pipeline; Redis runs the script only once BRPOP
+        returns. The pipeline runs as its own task so that a stop arriving while it waits
+        does not cut the connection under a reply that already holds a popped message.
+        """
+        commands: list[tuple[Any, ...]] = [("BRPOP", self.queue_name, BLOCK_SECONDS)]
+        if self.batch_size > 1:
+            script = self._script
+            commands.append(("EVALSHA", script.sha1, 1, self.queue_name, self.batch_size - 1))
+        request = asyncio.ensure_future(self._conn.execute_pipeline(*commands))
+        try:
+            replies = await asyncio.shield(request)
+        except asyncio.CancelledError:
+            await self._rescue(request)
+            raise
+        return await self._messages(replies)
+
+    async def _messages(self, replies: list[Any]) -> list[bytes]:
+        """The messages in a pipeline's replies; keeps BRPOP's message whatever the script said."""
+        first = replies[0]
+        if isinstance(first, Exception):
+            raise first
+        if first is None:
+            return []
+        messages: list[bytes] = [first[1]]
+        more = replies[1] if len(replies) > 1 else []
+        if isinstance(more, NoScriptError):
+            await scripts.load(self._conn, [self._script])
+        elif isinstance(more, Exception):
+            logger.warning("Script %s failed on %r: %r", LIST_POP, self.queue_name, more)
+        else:
+            messages.extend(more)
+        return messages
+
+    async def _rescue(self, request: asyncio.Future[list[Any]]) -> None:
+        """A stop cancelled a pop in flight: wait for its answer and put back what it took."""
+        try:
+            replies = await asyncio.wait_for(request, RESCUE_SECONDS)
+            messages = await self._messages(replies)
+        except Exception as exc:  # stopping: a failed pop has nothing to put back
+            logger.warning("A pop in flight on %r failed on stop: %r", self.queue_name, exc)
+            return
+        await self._put_back(messages)
+
+    async def _put_back(self, messages: Iterable[bytes]) -> None:
+        """Return popped messages to the end that is popped next, keeping their order."""
+        newest_first = list(messages)[::-1]
+        if not newest_first:
+            return
+        try:
+            await self._conn.execute("RPUSH", self.queue_name, *newest_first)
+        except connection.TRANSIENT_ERRORS as exc:
+            logger.error(
+                "Could not put %d popped messages back on %r; they are lost: %r",
+                len(newest_first),
+                self.queue_name,
+                exc,
+            )
+        else:
+            logger.info("Put %d popped messages back on %r", len(newest_first), self.queue_name)
+
+
+class ListQueueBroker(connection.SingleNodeAttributes, BaseListQueueBroker):
+    """A list queue on one Redis server."""
+
+    def __init__(
+        self,
+        url: str,
+        task_id_generator: Callable[[], str] | None = None,
+        result_backend: AsyncResultBackend[Any] | None = None,
+        queue_name: str = "taskiq",
+        max_connection_pool_size: int | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        **connection_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            connection.single_node(url, max_connection_pool_size, **connection_kwargs),
+            queue_name,
+            result_backend,
+            task_id_generator,
+            batch_size,
+        )
+
+
+class ListQueueClusterBroker(connection.ClusterAttributes, BaseListQueueBroker):
+    """A list queue on a Redis Cluster; the list lives in the slot of ``queue_name``."""
+
+    def __init__(
+        self,
+        url: str,
+        queue_name: str = "taskiq",
+        max_connection_pool_size: int = 2**31,
+        *,
+        result_backend: AsyncResultBackend[Any] | None = None,
+        task_id_generator: Callable[[], str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        **connection_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            connection.cluster(url, max_connection_pool_size, **connection_kwargs),
+            queue_name,
+            result_backend,
+            task_id_generator,
+            batch_size,
+        )
+
+
+class ListQueueSentinelBroker(connection.SentinelAttributes, BaseListQueueBroker):
+    """A list queue on the primary that Redis Sentinel names."""
+
+    def __init__(
+        self,
+        sentinels: list[tuple[str, int]],
+        master_name: str,
+        result_backend: AsyncResultBackend[Any] | None = None,
+        task_id_generator: Callable[[], str] | None = None,
+        queue_name: str = "taskiq",
+        min_other_sentinels: int = 0,
+        sentinel_kwargs: Any | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        **connection_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            connection.sentinel(
+                sentinels, master_name, min_other_sentinels, sentinel_kwargs, **connection_kwargs
+            ),
+            queue_name,
+            result_backend,
+            task_id_generator,
+            batch_size,
+        )
+        self.master_name = master_name
