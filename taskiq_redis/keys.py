@@ -51,3 +51,72 @@ def progress_key(result: str) -> str:
 def dead_letter_key(queue: str) -> str:
     """The dead-letter stream of a stream queue, in the queue's slot (``{taskiq}:dead``)."""
     return beside(queue, DEAD_LETTER_SUFFIX)
+
+
+# Schedule sources. ``base`` is the source's prefix as its keys start with it: the prefix itself
+# on single node and sentinel (the taskiq-redis 1.2 names), wrapped in a hash tag on a cluster so
+# every key of one source shares a slot and one script can touch them together.
+SCHEDULE_INDEX_SUFFIX = "__index"
+SCHEDULE_TIME_INDEX_SUFFIX = "__time_index"
+SCHEDULE_PROBE_SUFFIX = "__probe"
+TIME_BUCKET_FORMAT = "%Y-%m-%dT%H:%M"
+
+
+def schedule_base(prefix: str, cluster: bool) -> str:
+    """Where a schedule source's keys start: ``prefix``, or ``{prefix}`` on a cluster.
+
+    A prefix that already has a hash tag is kept as it is: the user chose its slot.
+    """
+    if cluster and hash_tag(prefix) is None:
+        return f"{{{prefix}}}"
+    return prefix
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a SCAN MATCH pattern."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
+
+
+def schedule_key(base: str, schedule_id: str) -> str:
+    """A schedule of the key-based source (``RedisScheduleSource``): ``prefix:schedule_id``."""
+    return f"{base}:{schedule_id}"
+
+
+def schedule_index_key(base: str) -> str:
+    """The ids of the key-based source's schedules; no schedule key can have this name."""
+    return beside(base, SCHEDULE_INDEX_SUFFIX)
+
+
+def schedule_probe_key(base: str) -> str:
+    """A short-lived key that tells whether two sources' connections see the same database."""
+    return beside(base, SCHEDULE_PROBE_SUFFIX)
+
+
+def schedule_data_key(base: str, schedule_id: str) -> str:
+    """A schedule of a list source: ``prefix:data:schedule_id``, as in taskiq-redis 1.2."""
+    return f"{base}:data:{schedule_id}"
+
+
+def schedule_cron_key(base: str) -> str:
+    """The ids of a list source's cron schedules."""
+    return f"{base}:cron"
+
+
+def schedule_interval_key(base: str) -> str:
+    """The ids of a list source's interval schedules."""
+    return f"{base}:interval"
+
+
+def schedule_time_prefix(base: str) -> str:
+    """What every time bucket list of a list source starts with."""
+    return f"{base}:time:"
+
+
+def schedule_time_key(base: str, minute: str) -> str:
+    """The ids of a list source's timed schedules due in one UTC minute (``TIME_BUCKET_FORMAT``)."""
+    return f"{schedule_time_prefix(base)}{minute}"
+
+
+def schedule_time_index_key(base: str) -> str:
+    """Every timed schedule id of a list source, scored by its bucket minute (unix seconds)."""
+    return beside(base, SCHEDULE_TIME_INDEX_SUFFIX)
