@@ -6,6 +6,11 @@ from taskiq_redis.brokers.list_queue import (
     ListQueueSentinelBroker,
 )
 from taskiq_redis.brokers.pubsub import PubSubBroker, PubSubClusterBroker, PubSubSentinelBroker
+from taskiq_redis.brokers.stream import (
+    RedisStreamBroker,
+    RedisStreamClusterBroker,
+    RedisStreamSentinelBroker,
+)
 from taskiq_redis.list_schedule_source import (
     ListRedisClusterScheduleSource,
     ListRedisScheduleSource,
@@ -38,4 +43,7 @@ __all__ = [
     "RedisClusterScheduleSource",
     "RedisScheduleSource",
     "RedisSentinelScheduleSource",
+    "RedisStreamBroker",
+    "RedisStreamClusterBroker",
+    "RedisStreamSentinelBroker",
 ]
