@@ -167,14 +167,17 @@ async def test_every_schedule_is_read_across_batches(
     many = [f"c{number:04}" for number in range(2100)]
     await raw_redis.mset({f"{base}:data:{i}": legacy_bytes(cron(i)) for i in many})
     await raw_redis.rpush(f"{base}:cron", *many)
-    for options in ({}, {"buffer_size": 5000}):
-        source = make_source(**options)
-        try:
-            await source.add_schedule(interval("i"))
-            await source.add_schedule(timed("t", minutes_from_now=-1))
-            assert ids(await source.get_schedules()) == [*many, "i", "t"]
-        finally:
-            await source.shutdown()
+    try:
+        for options in ({}, {"buffer_size": 5000}):
+            source = make_source(**options)
+            try:
+                await source.add_schedule(interval("i"))
+                await source.add_schedule(timed("t", minutes_from_now=-1))
+                assert ids(await source.get_schedules()) == [*many, "i", "t"]
+            finally:
+                await source.shutdown()
+    finally:  # every later startup scans the keyspace once: do not leave 2100 keys to it
+        await raw_redis.unlink(*await keys_with(raw_redis, unique))
 
 
 async def test_skip_past_schedules_drops_what_was_missed(
