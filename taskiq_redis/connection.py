@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from redis import exceptions as redis_errors
@@ -61,21 +61,6 @@ class RedisConnection:
         :mod:`pipelining`); blocking commands are always sent on their own.
         """
         return await self._pipeline.execute(*args, **options)
-
-    async def execute_pipeline(self, *commands: Sequence[Any]) -> list[Any]:
-        """Send several commands in one round trip, on one pooled connection, in order.
-
-        Not a transaction. A command's error comes back in its place in the list instead of
-        being raised, so the replies before it are kept: a message a BRPOP popped must not be
-        dropped because a script after it answered NOSCRIPT. Blocking commands go through here
-        rather than :meth:`execute`, because a pipeline holds a connection of its own while it
-        waits and so never delays anyone else's command.
-        """
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
 
     def pubsub(self) -> PubSub:
         """A pub/sub session; on a cluster it follows the nodes that own the channels."""

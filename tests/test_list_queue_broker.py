@@ -133,7 +133,7 @@ async def test_first_in_first_out_in_batches(
     await kick_all(broker, sent)
     stream = broker.listen()
     first = await receive(stream, 1)
-    # BRPOP took the oldest message and the script the next batch_size - 1, in one step.
+    # One script call took the oldest batch_size messages at once.
     assert await queue_length(raw_redis, broker.queue_name) == 25 - broker.batch_size
     assert first + await receive(stream, 24) == sent
     await stream.aclose()

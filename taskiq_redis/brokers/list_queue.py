@@ -1,13 +1,13 @@
 """The list queue broker: each message goes to one worker, at most once.
 
 A queue is a Redis list named ``queue_name``, as in taskiq-redis 1.2: ``kick`` LPUSHes, a
-listener pops from the other end, so messages come out oldest first. A listener asks for one
-message with BRPOP and, in the same round trip (a pipeline), for up to ``batch_size - 1`` more
-with the ``list_pop`` script; a busy queue therefore costs one round trip per batch.
+listener pops from the other end, so messages come out oldest first. A listener takes up to
+``batch_size`` messages at once with the ``list_pop`` script, so a busy queue costs one round
+trip per batch; only when the queue is empty does it block, natively, in BRPOP.
 
 There are no acknowledgements: a message is gone from Redis once popped. A worker killed
 while running a task loses that task, and a worker killed outright also loses the messages it
-popped but has not yet handed to taskiq (at most ``batch_size - 1``). A worker that stops
+popped but has not yet handed to taskiq (fewer than ``batch_size``). A worker that stops
 cleanly puts those back at the end of the queue that is popped next, so they keep their place.
 """
 
@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from typing import Any
 
-from redis.exceptions import NoScriptError
 from taskiq import AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection, scripts
@@ -31,8 +30,8 @@ LIST_POP = "list_pop"
 DEFAULT_BATCH_SIZE = 10
 MAX_BATCH_SIZE = 1000
 # How long one BRPOP blocks. Below redis-py's default 5 s socket timeout, so an idle queue
-# never looks like a dead connection; it is also the longest a stopping worker waits for a
-# pop already in flight before putting its message back.
+# never looks like a dead connection; it is also about the longest an idle worker takes to
+# stop, since a stop waits for a pop in flight to answer before putting its message back.
 BLOCK_SECONDS = 1
 # How long a stop waits for the answer of a pop in flight before giving up on it.
 RESCUE_SECONDS = BLOCK_SECONDS + 2.0
@@ -94,50 +93,45 @@ class BaseListQueueBroker(BaseRedisBroker):
             await self._put_back(popped)
 
     async def _pop_batch(self) -> list[bytes]:
-        """Wait for the oldest message, and take up to ``batch_size - 1`` after it.
+        """Take up to ``batch_size`` of the oldest messages; if there are none, wait for one.
 
-        BRPOP and the script travel in one pipeline; Redis runs the script only once BRPOP
-        returns. The pipeline runs as its own task so that a stop arriving while it waits
-        does not cut the connection under a reply that already holds a popped message.
+        The script comes first, so a busy queue costs one round trip per batch. Only an
+        empty queue is waited on, with BRPOP; the script call that found it empty was made
+        before the wait, so it adds no delay to the message that ends the wait.
         """
-        commands: list[tuple[Any, ...]] = [("BRPOP", self.queue_name, BLOCK_SECONDS)]
-        if self.batch_size > 1:
-            script = self._script
-            commands.append(("EVALSHA", script.sha1, 1, self.queue_name, self.batch_size - 1))
-        request = asyncio.ensure_future(self._conn.execute_pipeline(*commands))
+        taken = await self._finish(self._take_batch())
+        if not taken:
+            taken = await self._finish(self._wait_for_one())
+        return taken
+
+    async def _take_batch(self) -> list[bytes]:
+        taken: list[bytes] = await scripts.run(
+            self._conn, self._script, [self.queue_name], [self.batch_size]
+        )
+        return taken
+
+    async def _wait_for_one(self) -> list[bytes]:
+        popped = await self._conn.execute("BRPOP", self.queue_name, BLOCK_SECONDS)
+        return [] if popped is None else [popped[1]]
+
+    async def _finish(self, pop: Coroutine[Any, Any, list[bytes]]) -> list[bytes]:
+        """Run a pop to its end even when a stop cancels the listener, and put back its take.
+
+        Cancelling the pop itself would close the connection under a reply that may already
+        hold popped messages; so the pop runs as a task of its own, and a stop waits for its
+        answer (at most BLOCK_SECONDS for a BRPOP) before letting the cancellation through.
+        """
+        request = asyncio.ensure_future(pop)
         try:
-            replies = await asyncio.shield(request)
+            return await asyncio.shield(request)
         except asyncio.CancelledError:
-            await self._rescue(request)
+            try:
+                taken = await asyncio.wait_for(request, RESCUE_SECONDS)
+            except Exception as exc:  # stopping: a failed pop has nothing to put back
+                logger.warning("A pop in flight on %r failed on stop: %r", self.queue_name, exc)
+            else:
+                await self._put_back(taken)
             raise
-        return await self._messages(replies)
-
-    async def _messages(self, replies: list[Any]) -> list[bytes]:
-        """The messages in a pipeline's replies; keeps BRPOP's message whatever the script said."""
-        first = replies[0]
-        if isinstance(first, Exception):
-            raise first
-        if first is None:
-            return []
-        messages: list[bytes] = [first[1]]
-        more = replies[1] if len(replies) > 1 else []
-        if isinstance(more, NoScriptError):
-            await scripts.load(self._conn, [self._script])
-        elif isinstance(more, Exception):
-            logger.warning("Script %s failed on %r: %r", LIST_POP, self.queue_name, more)
-        else:
-            messages.extend(more)
-        return messages
-
-    async def _rescue(self, request: asyncio.Future[list[Any]]) -> None:
-        """A stop cancelled a pop in flight: wait for its answer and put back what it took."""
-        try:
-            replies = await asyncio.wait_for(request, RESCUE_SECONDS)
-            messages = await self._messages(replies)
-        except Exception as exc:  # stopping: a failed pop has nothing to put back
-            logger.warning("A pop in flight on %r failed on stop: %r", self.queue_name, exc)
-            return
-        await self._put_back(messages)
 
     async def _put_back(self, messages: Iterable[bytes]) -> None:
         """Return popped messages to the end that is popped next, keeping their order."""
