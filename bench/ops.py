@@ -39,9 +39,10 @@ QUEUE = "bench"
 GROUP = "taskiq"
 WARMUP = 100  # calls made before the clock starts, so pools hold their connections
 OP_TIMEOUT = 180.0  # a hung implementation must not hang the whole run
-STOP_GRACE = 5.0  # seconds a taskiq worker gets to exit after SIGINT
+STOP_GRACE = 3.0  # seconds a taskiq worker gets to exit after SIGINT
 E2E_WINDOW = 1000  # tasks in flight at most: measures steady state, not a backlog
 E2E_CLIENTS = 10  # concurrent kickers and result checkers on the client side
+E2E_POLL = 0.05  # seconds between is_result_ready polls: polling must not starve the worker
 
 Call = Callable[[int], Awaitable[object]]
 Factory = Callable[[str, int], AbstractAsyncContextManager[Call]]
@@ -486,7 +487,7 @@ async def drive(task: Any, n: int) -> float:
     async def checker(count: int) -> None:
         for _ in range(count):
             i, handle = await handles.get()
-            result = await handle.wait_result(check_interval=0.005, timeout=OP_TIMEOUT)
+            result = await handle.wait_result(check_interval=E2E_POLL, timeout=OP_TIMEOUT)
             if result.is_err or result.return_value != i + 1:
                 raise RuntimeError(f"task {i}: wrong result {result!r}")
             window.release()

@@ -39,7 +39,6 @@ SIDES = {
     "1.2.4": OLD_VENV / "bin" / "python",
     "redis-py": OURS_PYTHON,
 }
-RSS_SIDES = ("ours", "1.2.4")
 E2E_KINDS = ("stream", "list")
 
 
@@ -224,11 +223,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=3000, help="calls per operation (default 3000)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating")
     parser.add_argument("--rss-tasks", type=int, default=100_000, help="0 skips the RSS run")
+    parser.add_argument(
+        "--rss-sides",
+        default="ours",
+        help="comma-separated; add 1.2.4 for its figures (100k tasks take it 3+ min)",
+    )
     parser.add_argument("--json", type=Path, default=STATE_DIR / "results.json")
-    parser.add_argument("--quick", action="store_true", help="n=300, 1 round, 2000 RSS tasks")
+    parser.add_argument(
+        "--quick", action="store_true", help="n=300, 1 round, 2000 RSS tasks on both"
+    )
     args = parser.parse_args()
     if args.quick:
-        args.n, args.rounds, args.rss_tasks = 300, 1, 2000
+        args.n, args.rounds, args.rss_tasks, args.rss_sides = 300, 1, 2000, "ours,1.2.4"
+    args.rss_sides = [side for side in args.rss_sides.split(",") if side]
+    if not set(args.rss_sides) <= {"ours", "1.2.4"}:
+        parser.error("--rss-sides takes ours and/or 1.2.4")
     return args
 
 
@@ -244,7 +253,7 @@ def main() -> None:
             for side in SIDES:
                 print(f"round {round_no}/{args.rounds}: {side} ...", flush=True)
                 runs.append(run_side(side, url, args.n, "micro") | {"round": round_no})
-        for side in RSS_SIDES if args.rss_tasks else ():
+        for side in args.rss_sides if args.rss_tasks else ():
             print(f"RSS run: {side}, {args.rss_tasks} tasks ...", flush=True)
             rss[side] = run_side(side, url, args.rss_tasks, "rss").get("results", {}).get("rss", {})
     table = best(runs)
