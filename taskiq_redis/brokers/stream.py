@@ -50,6 +50,8 @@ DATA = b"data"
 # redis-py's 5 s socket timeout; it bounds how long a stopping worker waits for a read in
 # flight, and how long released entries wait for another consumer.
 MAX_BLOCK_SECONDS = 1.0
+# redis-py 8's socket timeout when none is given (redis-py 7 has none).
+REDIS_PY_SOCKET_TIMEOUT = 5.0
 # The idle time that releases an entry: over 31 years, yet below the server clock in ms
 # (Redis ignores an IDLE that would date the delivery before 1970).
 RELEASE_IDLE_MS = 10**12
@@ -170,7 +172,12 @@ class BaseStreamBroker(BaseRedisBroker):
         if self.maxlen is not None:
             self._trim = ("MAXLEN", "~", self.maxlen) if approximate else ("MAXLEN", self.maxlen)
         self._reclaim_every = min(MAX_BLOCK_SECONDS, self.idle_timeout / 2000)
-        self._block_ms = max(1, int(min(self.block or 10**9, self._reclaim_every * 1000)))
+        # A read must also end well before the socket timeout, or redis-py calls it a failure.
+        socket_timeout = conn.client.get_connection_kwargs().get(
+            "socket_timeout", REDIS_PY_SOCKET_TIMEOUT
+        )
+        longest = min(self._reclaim_every, socket_timeout / 2 if socket_timeout else 10**6)
+        self._block_ms = max(1, int(min(self.block or 10**9, longest * 1000)))
         self._renew_every = self.idle_timeout / 3000
         self._scripts = {name: scripts.get(name) for name in (ACK, RECLAIM, RENEW)}
 
