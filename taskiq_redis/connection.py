@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from taskiq_redis.pipelining import AutoPipeline
 
@@ -72,6 +74,19 @@ class RedisConnection:
             await closer()
 
 
+def with_reconnect(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Retry a command whose pooled connection died (server restart, failover) on a new one.
+
+    redis-py gives pooled connections no retries, so after a restart the first command on
+    every stale connection would fail. Only connection errors are retried, with a short
+    backoff; a caller's own ``retry`` wins.
+    """
+    if "retry" in connection_kwargs or "retry_on_error" in connection_kwargs:
+        return connection_kwargs
+    backoff = ExponentialBackoff(cap=1.0, base=0.05)
+    return {**connection_kwargs, "retry": Retry(backoff, 3, (redis_errors.ConnectionError,))}
+
+
 def single_node(
     url: str,
     max_connection_pool_size: int | None = None,
@@ -81,7 +96,7 @@ def single_node(
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connection_pool_size,
-        **connection_kwargs,
+        **with_reconnect(connection_kwargs),
     )
     client = Redis(connection_pool=pool)
     return RedisConnection(client, "single", [client.aclose, pool.disconnect], pool=pool)
@@ -114,7 +129,7 @@ def sentinel(
         sentinels,
         min_other_sentinels=min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs,
-        **connection_kwargs,
+        **with_reconnect(connection_kwargs),
     )
     client = watcher.master_for(master_name)
     closers: list[Callable[[], Awaitable[None]]] = [client.aclose]

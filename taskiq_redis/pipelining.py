@@ -32,15 +32,27 @@ class AutoPipeline:
         self._client = client
         self._gathering: list[_Waiter] | None = None
         self._sending: set[asyncio.Future[None]] = set()
+        self._in_flight = 0
 
     async def execute(self, *args: Any, **options: Any) -> Any:
-        """Send one command; its reply, or its error, is this call's alone."""
+        """Send one command; its reply, or its error, is this call's alone.
+
+        With nothing in flight the command goes straight out, so a lone caller pays nothing
+        for batching; while a round trip is under way, the commands of one tick are gathered
+        and sent together.
+        """
+        if str(args[0]).upper() in BLOCKING_COMMANDS:
+            return await self._client.execute_command(*args, **options)
         if self._gathering is not None:
             waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._gathering.append((args, options, waiter))
             return await waiter
-        if str(args[0]).upper() in BLOCKING_COMMANDS:
-            return await self._client.execute_command(*args, **options)
+        if not self._in_flight:
+            self._in_flight += 1
+            try:
+                return await self._client.execute_command(*args, **options)
+            finally:
+                self._in_flight -= 1
         batch = self._gathering = []
         try:
             await asyncio.sleep(0)  # let the other coroutines of this tick join the batch
@@ -49,8 +61,6 @@ class AutoPipeline:
             self._send_soon(batch)
             raise
         self._gathering = None
-        if not batch:
-            return await self._client.execute_command(*args, **options)
         own: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch.insert(0, (args, options, own))
         self._send_soon(batch)
@@ -64,23 +74,34 @@ class AutoPipeline:
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[_Waiter]) -> None:
-        """One pipeline for the batch; every waiter gets its reply or its own error."""
+        """One round trip for the batch; every waiter gets its reply or its own error."""
+        self._in_flight += 1
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for args, options, _ in batch:
-                pipe.execute_command(*args, **options)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip(batch)
         except BaseException as error:  # the connection failed: every waiter learns why
-            for _, _, waiter in batch:
-                if not waiter.done():
-                    waiter.set_exception(error)
+            replies = [error] * len(batch)
             if not isinstance(error, Exception):
                 raise
-            return
-        for (_, _, waiter), reply in zip(batch, replies, strict=True):
-            if waiter.done():
-                continue
-            if isinstance(reply, Exception):
-                waiter.set_exception(reply)
-            else:
-                waiter.set_result(reply)
+        finally:
+            self._in_flight -= 1
+            for (_, _, waiter), reply in zip(batch, replies, strict=True):
+                if waiter.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    waiter.set_exception(reply)
+                else:
+                    waiter.set_result(reply)
+
+    async def _round_trip(self, batch: list[_Waiter]) -> list[Any]:
+        """A lone command as itself (a pipeline costs more), several as one pipeline."""
+        if len(batch) == 1:
+            args, options, _ = batch[0]
+            try:
+                return [await self._client.execute_command(*args, **options)]
+            except Exception as error:  # a reply error belongs to its caller alone
+                return [error]
+        pipe = self._client.pipeline(transaction=False)
+        for args, options, _ in batch:
+            pipe.execute_command(*args, **options)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
