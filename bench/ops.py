@@ -596,7 +596,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM both unwind through the finally blocks that stop the worker.
+
+    Set explicitly: a process started in the background inherits SIGINT ignored.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 if __name__ == "__main__":
+    interrupt_on_signals()
     arguments = parse_args()
     arguments.log_dir.mkdir(parents=True, exist_ok=True)
     print(json.dumps(asyncio.run(main(arguments))))

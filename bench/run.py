@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from ops import CONCURRENCIES, OPERATIONS
+from ops import CONCURRENCIES, OPERATIONS, interrupt_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -242,6 +242,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    interrupt_on_signals()  # run.py is sure to stop Redis and its side on either signal
     args = parse_args()
     STATE_DIR.mkdir(exist_ok=True)
     ensure_old_venv()
@@ -270,4 +271,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: Redis and the running side were stopped")
