@@ -531,7 +531,7 @@ async def end_to_end(kind: str, url: str, n: int, log_dir: Path, rss: bool) -> d
     pkg_class("RedisStreamBroker" if kind == "stream" else "ListQueueBroker")
     sys.modules.pop("app", None)  # it reads the environment when imported
     app = importlib.import_module("app")
-    log_path = log_dir / f"worker-{kind}-{'rss' if rss else 'e2e'}-{os.getpid()}.log"
+    log_path = log_dir / f"worker-{kind}-{'rss' if rss else 'e2e'}.log"
     outcome: dict[str, Any] = {}
     async with started(app.broker):
         with worker_process(env, log_path, outcome) as proc:

@@ -117,7 +117,7 @@ def run_side(side: str, url: str, n: int, mode: str) -> dict[str, Any]:
     """
     flushall(url)
     command = [str(SIDES[side]), str(BENCH_DIR / "ops.py"), "--side", side, "--url", url]
-    command += ["--n", str(n), "--mode", mode, "--log-dir", str(STATE_DIR)]
+    command += ["--n", str(n), "--mode", mode, "--log-dir", str(STATE_DIR / "logs" / side)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate()
@@ -161,6 +161,8 @@ def best(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             elif outcomes:
                 cell["why"] = outcomes[-1].get("na") or outcomes[-1].get("error")
                 cell["kind"] = "n/a" if "na" in outcomes[-1] else "error"
+            elif crashed := [r["error"] for r in runs if r["side"] == side and "error" in r]:
+                cell["kind"], cell["why"] = "error", crashed[-1]
             else:
                 cell["kind"], cell["why"] = "n/a", "not run on this side"
             table.setdefault(key, {})[side] = cell
