@@ -45,7 +45,13 @@ class RedisConnection:
         sentinel: Sentinel | None = None,
     ) -> None:
         self.client = client
-        self._pipeline = AutoPipeline(client)
+        lone = client
+        if isinstance(client, Redis):
+            # One pinned connection for lone commands skips the pool's lock, timer and
+            # bookkeeping on every call; blocking reads and batches still use the pool.
+            lone = Redis(connection_pool=client.connection_pool, single_connection_client=True)
+            closers = [lone.aclose, *closers]
+        self._pipeline = AutoPipeline(client, lone)
         self.topology: Topology = topology
         self.pool = pool
         self.sentinel = sentinel

@@ -26,10 +26,15 @@ BLOCKING_COMMANDS = frozenset(
 
 
 class AutoPipeline:
-    """Sends the commands of one client, batching those that arrive in the same tick."""
+    """Sends the commands of one client, batching those that arrive in the same tick.
 
-    def __init__(self, client: Redis | RedisCluster) -> None:
+    ``lone`` sends commands that travel alone (a client pinned to one connection, where the
+    topology allows it); ``client`` sends blocking commands and batches.
+    """
+
+    def __init__(self, client: Redis | RedisCluster, lone: Redis | RedisCluster) -> None:
         self._client = client
+        self._lone = lone
         self._gathering: list[_Waiter] | None = None
         self._sending: set[asyncio.Future[None]] = set()
         self._in_flight = 0
@@ -50,7 +55,7 @@ class AutoPipeline:
         if not self._in_flight:
             self._in_flight += 1
             try:
-                return await self._client.execute_command(*args, **options)
+                return await self._lone.execute_command(*args, **options)
             finally:
                 self._in_flight -= 1
         batch = self._gathering = []
@@ -97,7 +102,7 @@ class AutoPipeline:
         if len(batch) == 1:
             args, options, _ = batch[0]
             try:
-                return [await self._client.execute_command(*args, **options)]
+                return [await self._lone.execute_command(*args, **options)]
             except Exception as error:  # a reply error belongs to its caller alone
                 return [error]
         pipe = self._client.pipeline(transaction=False)
