@@ -1,0 +1,104 @@
+"""Automatic pipelining, on every topology: batched commands keep their own replies and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from redis.exceptions import ResponseError
+
+from taskiq_redis import connection
+from tests.servers import Topology
+
+FACTORIES: dict[str, Callable[..., connection.RedisConnection]] = {
+    "single": connection.single_node,
+    "cluster": connection.cluster,
+    "sentinel": connection.sentinel,
+}
+
+
+@pytest.fixture
+async def conn(topology: Topology) -> AsyncIterator[connection.RedisConnection]:
+    opened = FACTORIES[topology.name](**topology.kwargs())
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def pipelines(conn: connection.RedisConnection, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every pipeline the connection sends, to see that batching happens."""
+    sizes: list[int] = []
+    real_pipeline = conn.client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        async def execute(*a: Any, **k: Any) -> Any:
+            replies = await real_execute(*a, **k)
+            sizes.append(len(replies))
+            return replies
+
+        pipe.execute = execute  # type: ignore[method-assign]
+        return pipe
+
+    monkeypatch.setattr(conn.client, "pipeline", counting_pipeline)
+    return sizes
+
+
+async def test_concurrent_commands_share_round_trips_and_keep_their_replies(
+    conn: connection.RedisConnection, pipelines: list[int], unique: str
+) -> None:
+    keys = [f"{unique}:{n}" for n in range(200)]
+    await asyncio.gather(*(conn.execute("SET", key, key) for key in keys))
+    values = await asyncio.gather(*(conn.execute("GET", key) for key in keys))
+    assert values == [key.encode() for key in keys]
+    assert pipelines, "200 concurrent commands were sent one by one"
+    assert max(pipelines) > 10
+    await asyncio.gather(*(conn.execute("DEL", key) for key in keys))
+
+
+async def test_an_error_in_a_batch_belongs_to_its_caller(
+    conn: connection.RedisConnection, pipelines: list[int], unique: str
+) -> None:
+    await conn.execute("SET", f"{unique}:text", "not a number")
+    outcomes = await asyncio.gather(
+        *(conn.execute("INCR", f"{unique}:n{i}") for i in range(20)),
+        conn.execute("INCR", f"{unique}:text"),
+        *(conn.execute("INCR", f"{unique}:m{i}") for i in range(20)),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[20], ResponseError)
+    assert outcomes[:20] == [1] * 20
+    assert outcomes[21:] == [1] * 20
+    assert pipelines
+
+
+async def test_a_cancelled_caller_does_not_strand_its_batch(
+    conn: connection.RedisConnection, unique: str
+) -> None:
+    await conn.execute("PING")  # connected, so the next round trip is in flight at once
+    first = asyncio.ensure_future(conn.execute("SET", f"{unique}:a", 1))
+    await asyncio.sleep(0)
+    batch = [asyncio.ensure_future(conn.execute("INCR", f"{unique}:b")) for _ in range(10)]
+    batch[0].cancel()
+    assert await first is True
+    results = await asyncio.gather(*batch[1:])
+    # Each of the nine got its own reply; the cancelled INCR may or may not have run.
+    assert len(set(results)) == 9
+    assert set(results) <= set(range(1, 11))
+
+
+async def test_blocking_commands_never_hold_up_a_batch(
+    conn: connection.RedisConnection, unique: str
+) -> None:
+    queue = f"{unique}:queue"
+    waiting = asyncio.ensure_future(conn.execute("BRPOP", queue, 5))
+    await asyncio.sleep(0.05)
+    values = await asyncio.gather(*(conn.execute("INCR", f"{unique}:c{n}") for n in range(30)))
+    assert values == [1] * 30
+    assert not waiting.done(), "the BRPOP should still be waiting for its message"
+    await conn.execute("LPUSH", queue, "wake")
+    assert tuple(await waiting) == (queue.encode(), b"wake")
