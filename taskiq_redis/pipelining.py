@@ -1,9 +1,11 @@
-"""Automatic pipelining: commands issued in the same event-loop tick share one round trip.
+"""Automatic pipelining: commands issued while a round trip is under way share the next one.
 
 Under load a worker issues many small commands at once (acks, results, kicks from many
 coroutines). Sent one by one, each waits a full network round trip; gathered into one
-non-transactional pipeline they cost one round trip for the batch. A lone command (the usual
-case at low load) goes straight out: batching only ever waits for the current tick to end.
+non-transactional pipeline they cost one round trip for the batch. A command issued while
+nothing is in flight (the usual case at low load) goes straight out, so batching never adds
+latency to a lone caller; under load each round trip carries everything that arrived during
+the previous one.
 
 Blocking commands (BRPOP, XREADGROUP ... BLOCK) never join a batch: they would hold every other
 command of the batch until they return.
@@ -26,61 +28,46 @@ BLOCKING_COMMANDS = frozenset(
 
 
 class AutoPipeline:
-    """Sends the commands of one client, batching those that arrive in the same tick.
+    """Sends the commands of one client, one round trip at a time, batching under load.
 
-    ``lone`` sends commands that travel alone (a client pinned to one connection, where the
+    ``lone`` sends a command that travels alone (a client pinned to one connection, where the
     topology allows it); ``client`` sends blocking commands and batches.
     """
 
     def __init__(self, client: Redis | RedisCluster, lone: Redis | RedisCluster) -> None:
         self._client = client
         self._lone = lone
-        self._gathering: list[_Waiter] | None = None
+        self._busy = False  # a round trip is under way
+        self._waiting: list[_Waiter] = []  # commands for the next round trip
         self._sending: set[asyncio.Future[None]] = set()
-        self._in_flight = 0
 
     async def execute(self, *args: Any, **options: Any) -> Any:
-        """Send one command; its reply, or its error, is this call's alone.
-
-        With nothing in flight the command goes straight out, so a lone caller pays nothing
-        for batching; while a round trip is under way, the commands of one tick are gathered
-        and sent together.
-        """
+        """Send one command; its reply, or its error, is this call's alone."""
         if str(args[0]).upper() in BLOCKING_COMMANDS:
             return await self._client.execute_command(*args, **options)
-        if self._gathering is not None:
+        if self._busy:
             waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._gathering.append((args, options, waiter))
+            self._waiting.append((args, options, waiter))
             return await waiter
-        if not self._in_flight:
-            self._in_flight += 1
-            try:
-                return await self._lone.execute_command(*args, **options)
-            finally:
-                self._in_flight -= 1
-        batch = self._gathering = []
+        self._busy = True
         try:
-            await asyncio.sleep(0)  # let the other coroutines of this tick join the batch
-        except asyncio.CancelledError:
-            self._gathering = None
-            self._send_soon(batch)
-            raise
-        self._gathering = None
-        own: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        batch.insert(0, (args, options, own))
-        self._send_soon(batch)
-        return await own
+            return await self._lone.execute_command(*args, **options)
+        finally:
+            self._next_round_trip()
 
-    def _send_soon(self, batch: list[_Waiter]) -> None:
-        """Send in a task of its own, so cancelling one caller never strands the others."""
-        if batch:
-            task = asyncio.ensure_future(self._send(batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+    def _next_round_trip(self) -> None:
+        """Send what gathered during the round trip that just ended, or become idle."""
+        if not self._waiting:
+            self._busy = False
+            return
+        batch, self._waiting = self._waiting, []
+        # A task of its own, so cancelling one caller never strands the others' replies.
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[_Waiter]) -> None:
         """One round trip for the batch; every waiter gets its reply or its own error."""
-        self._in_flight += 1
         try:
             replies = await self._round_trip(batch)
         except BaseException as error:  # the connection failed: every waiter learns why
@@ -88,7 +75,6 @@ class AutoPipeline:
             if not isinstance(error, Exception):
                 raise
         finally:
-            self._in_flight -= 1
             for (_, _, waiter), reply in zip(batch, replies, strict=True):
                 if waiter.done():
                     continue
@@ -96,6 +82,7 @@ class AutoPipeline:
                     waiter.set_exception(reply)
                 else:
                     waiter.set_result(reply)
+            self._next_round_trip()
 
     async def _round_trip(self, batch: list[_Waiter]) -> list[Any]:
         """A lone command as itself (a pipeline costs more), several as one pipeline."""
