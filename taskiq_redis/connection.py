@@ -43,6 +43,7 @@ class RedisConnection:
         closers: list[Callable[[], Awaitable[None]]],
         pool: BlockingConnectionPool | None = None,
         sentinel: Sentinel | None = None,
+        master_name: str | None = None,
     ) -> None:
         self.client = client
         lone = client
@@ -55,6 +56,7 @@ class RedisConnection:
         self.topology: Topology = topology
         self.pool = pool
         self.sentinel = sentinel
+        self.master_name = master_name
         self._closers = closers
 
     @property
@@ -140,7 +142,7 @@ def sentinel(
     client = watcher.master_for(master_name)
     closers: list[Callable[[], Awaitable[None]]] = [client.aclose]
     closers += [link.aclose for link in watcher.sentinels]
-    return RedisConnection(client, "sentinel", closers, sentinel=watcher)
+    return RedisConnection(client, "sentinel", closers, sentinel=watcher, master_name=master_name)
 
 
 class SingleNodeAttributes:
@@ -182,6 +184,12 @@ class SentinelAttributes:
         """The sentinel client that names the current primary."""
         assert self._conn.sentinel is not None
         return self._conn.sentinel
+
+    @property
+    def master_name(self) -> str:
+        """The name the sentinels know the primary by."""
+        assert self._conn.master_name is not None
+        return self._conn.master_name
 
 
 # Errors a listener waits out instead of raising: the server restarts, fails over or moves

@@ -394,4 +394,3 @@ class ListRedisSentinelScheduleSource(connection.SentinelAttributes, BaseListRed
             buffer_size,
             skip_past_schedules,
         )
-        self.master_name = master_name

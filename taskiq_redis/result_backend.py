@@ -198,4 +198,3 @@ class RedisAsyncSentinelResultBackend(
             serializer,
             prefix_str,
         )
-        self.master_name = master_name

@@ -298,4 +298,3 @@ class RedisSentinelScheduleSource(connection.SentinelAttributes, BaseRedisSchedu
             buffer_size,
             serializer,
         )
-        self.master_name = master_name

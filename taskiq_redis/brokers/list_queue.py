@@ -222,4 +222,3 @@ class ListQueueSentinelBroker(connection.SentinelAttributes, BaseListQueueBroker
             task_id_generator,
             batch_size,
         )
-        self.master_name = master_name

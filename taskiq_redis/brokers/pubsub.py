@@ -173,4 +173,3 @@ class PubSubSentinelBroker(connection.SentinelAttributes, BasePubSubBroker):
             result_backend,
             task_id_generator,
         )
-        self.master_name = master_name

@@ -651,4 +651,3 @@ class RedisStreamSentinelBroker(connection.SentinelAttributes, BaseStreamBroker)
             result_backend,
             task_id_generator,
         )
-        self.master_name = master_name
