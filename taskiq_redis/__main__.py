@@ -1,19 +1,27 @@
-"""Operators' command line: see, load and check the Lua scripts a deployment runs.
+"""Operators' command line: queues, dead letters, and the Lua scripts a deployment runs.
 
-``python -m taskiq_redis scripts list|show|load|check|manifest`` (also ``taskiq-redis``).
-Failures print one line to stderr and exit non-zero, never a traceback.
+``python -m taskiq_redis`` (also installed as ``taskiq-redis``):
+
+- ``queues [QUEUE ...]``: each queue's length, delayed and dead-letter counts, and per consumer
+  group its pending entries, lag and consumers with their idle time (``--json`` for scripts).
+- ``dead-letters list|requeue|purge QUEUE``: see, move back or delete a queue's dead letters.
+- ``scripts list|show|load|check|manifest``: the Lua scripts.
+
+Failures print one line to stderr and exit 1 (the server or the data) or 2 (bad usage), never
+a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from taskiq_redis import connection, scripts
+from taskiq_redis import connection, queues, scripts
 from taskiq_redis.exceptions import TaskIQRedisError
 
 
@@ -24,9 +32,69 @@ def _sentinel_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _whole(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _server_options() -> argparse.ArgumentParser:
+    """--url, or --sentinel with --master-name: the options of every command that connects."""
+    options = argparse.ArgumentParser(add_help=False)
+    target = options.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="redis:// URL of a server or of any cluster node")
+    target.add_argument(
+        "--sentinel",
+        type=_sentinel_address,
+        action="append",
+        metavar="HOST:PORT",
+        help="a sentinel (repeat for several); needs --master-name",
+    )
+    options.add_argument("--master-name", help="the sentinel's name for the primary")
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskiq-redis", description=__doc__.splitlines()[0])
     groups = parser.add_subparsers(dest="group", required=True)
+    server = _server_options()
+    view = groups.add_parser(
+        "queues",
+        parents=[server],
+        help="length, delayed, dead letters, groups and consumers of queues",
+        description="Without QUEUE names, queues are found with SCAN ... TYPE on every primary: "
+        "every stream and list (dead-letter streams count for their queue) and every sorted set "
+        "named *:delayed; each scan stops after about --scan-limit keys. Name the queues to "
+        "skip the scan, or when other data shares the database.",
+    )
+    view.add_argument("queue", nargs="*", help="queue names (default: found by scanning)")
+    view.add_argument("--json", action="store_true", help="one JSON document")
+    view.add_argument(
+        "--scan-limit",
+        type=_whole,
+        default=queues.DEFAULT_SCAN_LIMIT,
+        metavar="N",
+        help=f"keys a scan examines per primary and type (default {queues.DEFAULT_SCAN_LIMIT})",
+    )
+    letters = groups.add_parser("dead-letters", help="a queue's dead letters").add_subparsers(
+        dest="command", required=True
+    )
+    listing = letters.add_parser("list", parents=[server], help="the oldest dead letters")
+    listing.add_argument("queue")
+    listing.add_argument("--count", type=_whole, default=100, help="how many (default 100)")
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+    requeue = letters.add_parser(
+        "requeue",
+        parents=[server],
+        help="move dead letters back to their queue, oldest first (atomic per batch)",
+    )
+    requeue.add_argument("queue")
+    requeue.add_argument("--limit", type=_whole, help="move at most this many (default all)")
+    purge = letters.add_parser(
+        "purge", parents=[server], help="delete the dead letters there are now"
+    )
+    purge.add_argument("queue")
+
     script_commands = groups.add_parser("scripts", help="the Lua scripts").add_subparsers(
         dest="command", required=True
     )
@@ -34,18 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     script_commands.add_parser("manifest", help="manifest lines (name, version, sha1)")
     show = script_commands.add_parser("show", help="print a script's source")
     show.add_argument("name")
-    for name, text in (("load", "SCRIPT LOAD every script"), ("check", "which are loaded")):
-        command = script_commands.add_parser(name, help=text)
-        target = command.add_mutually_exclusive_group(required=True)
-        target.add_argument("--url", help="redis:// URL of a server or of any cluster node")
-        target.add_argument(
-            "--sentinel",
-            type=_sentinel_address,
-            action="append",
-            metavar="HOST:PORT",
-            help="a sentinel (repeat for several); needs --master-name",
-        )
-        command.add_argument("--master-name", help="the sentinel's name for the primary")
+    script_commands.add_parser("load", parents=[server], help="SCRIPT LOAD every script")
+    script_commands.add_parser("check", parents=[server], help="which are loaded")
     return parser
 
 
@@ -64,14 +122,77 @@ async def _connect(args: argparse.Namespace) -> connection.RedisConnection:
 
 
 async def _on_server(args: argparse.Namespace) -> list[str]:
-    known = list(scripts.all_scripts().values())
     redis = await _connect(args)
     try:
-        if args.command == "load":
-            await scripts.load(redis, known)
-        flags = await scripts.loaded(redis, known)
+        if args.group == "queues":
+            return await _queues(redis, args)
+        if args.group == "dead-letters":
+            return await _dead_letters(redis, args)
+        return await _scripts(redis, args)
     finally:
         await redis.close()
+
+
+def _seconds(milliseconds: int) -> str:
+    return f"{milliseconds / 1000:.1f}s"
+
+
+async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -> list[str]:
+    names, complete = list(args.queue), None
+    if not names:
+        names, complete = await queues.discover(redis, args.scan_limit)
+        if not complete:
+            print(
+                "taskiq-redis: the scan stopped at --scan-limit on some primary; "
+                "the list may miss queues (name them, or raise --scan-limit)",
+                file=sys.stderr,
+            )
+    views = [await queues.inspect(redis, name) for name in names]
+    if args.json:
+        document = {"queues": [view.as_dict() for view in views], "scan_complete": complete}
+        return [json.dumps(document, indent=2)]
+    lines = []
+    for view in views:
+        lines.append(
+            f"{view.name}  {view.kind}  length {view.length}  delayed {view.delayed}  "
+            f"dead letters {view.dead_letters}"
+        )
+        for group in view.groups:
+            lag = "unknown" if group.lag is None else str(group.lag)
+            lines.append(
+                f"  group {group.name}  pending {group.pending}  lag {lag}  "
+                f"consumers {len(group.consumers)}"
+            )
+            lines += [
+                f"    consumer {c.name}  pending {c.pending}  idle {_seconds(c.idle_ms)}"
+                for c in group.consumers
+            ]
+    return lines or ["no queues found"]
+
+
+async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namespace) -> list[str]:
+    if args.command == "requeue":
+        moved, skipped = await queues.requeue_dead_letters(redis, args.queue, args.limit)
+        note = f" ({skipped} without a data field left in place)" if skipped else ""
+        return [f"requeued {moved} dead letters to {args.queue}{note}"]
+    if args.command == "purge":
+        deleted = await queues.purge_dead_letters(redis, args.queue)
+        return [f"purged {deleted} dead letters of {args.queue}"]
+    letters = await queues.dead_letters(redis, args.queue, args.count)
+    if args.json:
+        return [json.dumps([letter.as_dict() for letter in letters], indent=2)]
+    return [
+        f"{letter.id}  from {letter.stream} {letter.original_id}  group {letter.group}  "
+        f"deliveries {letter.deliveries}  reason: {letter.reason}"
+        for letter in letters
+    ]
+
+
+async def _scripts(redis: connection.RedisConnection, args: argparse.Namespace) -> list[str]:
+    known = list(scripts.all_scripts().values())
+    if args.command == "load":
+        await scripts.load(redis, known)
+    flags = await scripts.loaded(redis, known)
     return [
         f"{script.name}\t{script.version}\t{script.sha1}\t{'loaded' if flag else 'missing'}"
         for script, flag in zip(known, flags, strict=True)
@@ -79,6 +200,8 @@ async def _on_server(args: argparse.Namespace) -> list[str]:
 
 
 def _lines(args: argparse.Namespace) -> list[str]:
+    if args.group != "scripts":
+        return asyncio.run(_on_server(args))
     if args.command == "list":
         rows = [("name", "version", "sha1", "keys")]
         for script in scripts.all_scripts().values():
