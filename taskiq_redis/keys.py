@@ -10,6 +10,7 @@ from __future__ import annotations
 
 PROGRESS_SUFFIX = "__progress"
 DEAD_LETTER_SUFFIX = ":dead"
+DELAYED_SUFFIX = ":delayed"
 
 
 def hash_tag(key: str) -> str | None:
@@ -51,6 +52,11 @@ def progress_key(result: str) -> str:
 def dead_letter_key(queue: str) -> str:
     """The dead-letter stream of a stream queue, in the queue's slot (``{taskiq}:dead``)."""
     return beside(queue, DEAD_LETTER_SUFFIX)
+
+
+def delayed_key(queue: str) -> str:
+    """The sorted set of a queue's delayed messages, in the queue's slot (``{taskiq}:delayed``)."""
+    return beside(queue, DELAYED_SUFFIX)
 
 
 # Schedule sources. ``base`` is the source's prefix as its keys start with it: the prefix itself
