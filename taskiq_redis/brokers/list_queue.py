@@ -21,7 +21,7 @@ from typing import Any
 
 from taskiq import AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection, scripts
+from taskiq_redis import connection, delays, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
 
 logger = logging.getLogger("taskiq.redis_broker")
@@ -60,6 +60,7 @@ class BaseListQueueBroker(BaseRedisBroker):
         super().__init__(conn, queue_name, result_backend, task_id_generator)
         self.batch_size = check_batch_size(batch_size)
         self._script = scripts.get(LIST_POP)
+        self._mover = delays.Mover(conn, {queue_name: [queue_name]}, "list")
 
     async def startup(self) -> None:
         """Load the script now, so the first batch does not pay for a NOSCRIPT answer."""
@@ -67,7 +68,9 @@ class BaseListQueueBroker(BaseRedisBroker):
         await scripts.load(self._conn, [self._script])
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Append the message to its queue: one LPUSH."""
+        """Append the message to its queue: one LPUSH (with a ``delay`` label: see delays)."""
+        if await delays.defer(self._conn, self.queue_of(message), message):
+            return
         await self._conn.execute("LPUSH", self.queue_of(message), message.message)
 
     async def listen(self) -> AsyncGenerator[bytes, None]:
@@ -78,6 +81,7 @@ class BaseListQueueBroker(BaseRedisBroker):
         """
         popped: deque[bytes] = deque()
         backoff = connection.Backoff()
+        self._mover.start()
         try:
             while True:
                 while popped:
@@ -91,6 +95,11 @@ class BaseListQueueBroker(BaseRedisBroker):
                     backoff.reset()
         finally:
             await self._put_back(popped)
+
+    async def shutdown(self) -> None:
+        """Stop moving delayed messages, then close."""
+        await self._mover.stop()
+        await super().shutdown()
 
     async def _pop_batch(self) -> list[bytes]:
         """Take up to ``batch_size`` of the oldest messages; if there are none, wait for one.

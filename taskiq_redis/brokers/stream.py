@@ -39,7 +39,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection, keys, scripts
+from taskiq_redis import connection, delays, keys, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
 
 logger = logging.getLogger("taskiq.redis_broker")
@@ -190,6 +190,8 @@ class BaseStreamBroker(BaseRedisBroker):
         self._next_reclaim = 0.0
         self._renewer: asyncio.Task[None] | None = None
         self._closing = False
+        trim = None if self.maxlen is None else (self.maxlen, approximate)
+        self._mover = delays.Mover(conn, {s: [s] for s in self._streams}, "stream", trim)
 
     async def startup(self) -> None:
         """Load the scripts and create the consumer group on every stream read."""
@@ -210,7 +212,12 @@ class BaseStreamBroker(BaseRedisBroker):
                     logger.warning("Cannot create group on stream %r: %s", stream, exc)
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Append the message to its stream: one XADD (trimmed to ``maxlen`` if set)."""
+        """Append the message to its stream: one XADD (trimmed to ``maxlen`` if set).
+
+        A message with a ``delay`` label waits in the stream's delayed set instead (see delays).
+        """
+        if await delays.defer(self._conn, self.queue_of(message), message):
+            return
         await self._conn.execute(
             "XADD", self.queue_of(message), *self._trim, "*", DATA, message.message
         )
@@ -223,6 +230,7 @@ class BaseStreamBroker(BaseRedisBroker):
         """
         if self._renewer is None:
             self._renewer = asyncio.ensure_future(self._keep_claims())
+        self._mover.start()
         ready: deque[_Entry] = deque()
         backoff = connection.Backoff()
         group_lost = False
@@ -480,6 +488,7 @@ class BaseStreamBroker(BaseRedisBroker):
         self._closing = True
         if self._renewer is not None:
             self._renewer.cancel()
+        await self._mover.stop()
         pending = self._io | ({self._renewer} if self._renewer else set())
         if pending:
             await asyncio.wait(pending, timeout=MAX_BLOCK_SECONDS + 2)
