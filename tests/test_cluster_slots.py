@@ -23,6 +23,8 @@ from taskiq_redis import (
     RedisAsyncClusterResultBackend,
     RedisClusterScheduleSource,
     RedisStreamClusterBroker,
+    keys,
+    queues,
     scripts,
 )
 from tests.servers import RedisServers
@@ -46,9 +48,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
     return made
 
 
-async def kick(broker: AsyncBroker) -> None:
+async def kick(broker: AsyncBroker, **labels: Any) -> None:
     """Send a real task message, the way ``task.kiq()`` does."""
-    await AsyncKicker("slots.task", broker, {}).kiq()
+    await AsyncKicker("slots.task", broker, labels).kiq()
 
 
 async def use_every_script(url: str, unique: str) -> None:
@@ -64,17 +66,24 @@ async def use_every_script(url: str, unique: str) -> None:
     lists = ListQueueClusterBroker(url, queue_name=f"l{unique}")
     await lists.startup()
     await kick(lists)
+    await kick(lists, delay=0.2)  # delay_add; listening runs delay_move
     await asyncio.wait_for(anext(lists.listen()), 10)
     await lists.shutdown()
 
     stream = RedisStreamClusterBroker(url, queue_name=f"s{unique}", idle_timeout=300)
     await stream.startup()
     await kick(stream)
+    await kick(stream, delay=0.2)
     listener = stream.listen()
     received = await asyncio.wait_for(anext(listener), 10)
     await asyncio.sleep(1.5)  # held past idle_timeout/3 (renew) and a reclaim period
     await received.ack()  # type: ignore[misc]
     await listener.aclose()
+    dead = keys.dead_letter_key(stream.queue_name)
+    for number in range(2):
+        await stream._conn.execute("XADD", dead, "*", "data", f"d{number}")
+    assert await queues.requeue_dead_letters(stream, stream.queue_name, limit=1) == (1, 0)
+    assert await queues.purge_dead_letters(stream, stream.queue_name) == 1
     await stream.shutdown()
 
     source = ListRedisClusterScheduleSource(url, prefix=f"p{unique}")
@@ -103,6 +112,6 @@ async def test_every_script_keeps_its_keys_in_one_slot(
 ) -> None:
     await use_every_script(redis_servers.cluster_url, unique)
     assert {name for name, _ in calls} == set(scripts.all_scripts())
-    for name, keys in calls:
-        slots = {key_slot(key.encode()) for key in keys}
-        assert len(slots) == 1, f"{name} was called with keys in several slots: {keys}"
+    for name, call_keys in calls:
+        slots = {key_slot(key.encode()) for key in call_keys}
+        assert len(slots) == 1, f"{name} was called with keys in several slots: {call_keys}"
