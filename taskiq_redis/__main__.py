@@ -147,14 +147,15 @@ async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -
                 "the list may miss queues (name them, or raise --scan-limit)",
                 file=sys.stderr,
             )
-    views = [await queues.inspect(redis, name) for name in names]
+    views = [await queues.inspect(redis, name, strict=complete is None) for name in names]
     if args.json:
         document = {"queues": [view.as_dict() for view in views], "scan_complete": complete}
         return [json.dumps(document, indent=2)]
     lines = []
     for view in views:
         lines.append(
-            f"{view.name}  {view.kind}  length {view.length}  delayed {view.delayed}  "
+            f"{view.name}  {view.kind}  length {'-' if view.length is None else view.length}  "
+            f"delayed {view.delayed}  "
             f"dead letters {view.dead_letters}"
         )
         for group in view.groups:

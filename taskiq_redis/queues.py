@@ -68,11 +68,15 @@ class Group:
 
 @dataclass(frozen=True)
 class QueueView:
-    """One queue: ``kind`` is stream, list, or none (no key: empty, or never used)."""
+    """One queue: ``kind`` is stream, list, or none (no key: empty, or never used).
+
+    A queue found by :func:`discover` through its delayed or dead-letter key may have a key of
+    another type (``kind`` names it, ``length`` is None): its delayed messages cannot be moved.
+    """
 
     name: str
     kind: str
-    length: int
+    length: int | None
     delayed: int
     dead_letters: int
     groups: list[Group] = field(default_factory=list)
@@ -123,8 +127,14 @@ def _count(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-async def inspect(target: RedisConnection | BaseRedisBroker, queue: str) -> QueueView:
-    """Length, delayed and dead-letter counts and, for a stream, its groups and consumers."""
+async def inspect(
+    target: RedisConnection | BaseRedisBroker, queue: str, strict: bool = True
+) -> QueueView:
+    """Length, delayed and dead-letter counts and, for a stream, its groups and consumers.
+
+    A key of another type is a :class:`QueueError`, or with ``strict=False`` a view without
+    length (discovery finds such keys through their delayed or dead-letter sets).
+    """
     conn = _conn(target)
     kind = _text(await conn.execute("TYPE", queue))
     delayed = int(await conn.execute("ZCARD", keys.delayed_key(queue)))
@@ -136,6 +146,8 @@ async def inspect(target: RedisConnection | BaseRedisBroker, queue: str) -> Queu
         return QueueView(queue, kind, int(await conn.execute("LLEN", queue)), delayed, dead)
     if kind == "none":
         return QueueView(queue, kind, 0, delayed, dead)
+    if kind != "stream" and not strict:
+        return QueueView(queue, kind, None, delayed, dead)
     if kind != "stream":
         raise QueueError(description=f"{queue!r} is a Redis {kind}, not a stream or list queue")
     length = int(await conn.execute("XLEN", queue))

@@ -134,7 +134,9 @@ async def test_queues_shows_what_is_in_redis(
 async def test_queues_finds_queues_by_scanning(
     topology: Topology, raw_redis: Any, unique: str
 ) -> None:
-    stream, listed, delayed_only, dead_only = (f"{kind}{unique}" for kind in "sldx")
+    stream, listed, delayed_only, dead_only, hashed = (f"{kind}{unique}" for kind in "sldxh")
+    await raw_redis.hset(hashed, "field", "value")  # a delayed set beside a key of another type
+    await raw_redis.zadd(keys.delayed_key(hashed), {b"id:0:m": 1})
     await raw_redis.xadd(stream, {"data": "1"})
     await raw_redis.lpush(listed, "1")
     await raw_redis.zadd(keys.delayed_key(delayed_only), {b"id:0:m": 1})
@@ -151,6 +153,11 @@ async def test_queues_finds_queues_by_scanning(
     assert found[listed]["kind"] == "list"
     assert (found[delayed_only]["kind"], found[delayed_only]["delayed"]) == ("none", 1)
     assert (found[dead_only]["kind"], found[dead_only]["dead_letters"]) == ("none", 1)
+    assert (found[hashed]["kind"], found[hashed]["length"], found[hashed]["delayed"]) == (
+        "hash",
+        None,
+        1,
+    )
     assert not [name for name in found if name.endswith((":dead", ":delayed"))]
 
 
