@@ -1,81 +1,63 @@
 -- name: schedule_write
--- version: 1
+-- version: 2
 -- purpose: store, replace or delete one schedule of a list schedule source together with its
---          index entries (cron list, interval list, time bucket list and time index), so no
---          reader ever sees a schedule without its entry or an entry in two places. The time
---          bucket lists are named by the caller: when the schedule sits in a bucket the caller
---          did not pass, nothing is changed and that bucket's minute is returned, and the caller
---          calls again with it. Optionally removes the schedule from a key-based source in the
---          same step (migration inside one slot).
--- KEYS[1]: the schedule's data key ({prefix}:data:{schedule_id})
--- KEYS[2]: the cron list ({prefix}:cron)
--- KEYS[3]: the interval list ({prefix}:interval)
--- KEYS[4...]: the time index ({prefix}__time_index, a sorted set of schedule ids scored by their
---             bucket minute), then one time bucket list ({prefix}:time:{minute}) per minute in
---             ARGV[6...], in the same order, then, only when moving a schedule out of a
---             key-based source, that source's data key and its index
+--          entry in the source's index, touching only that schedule's own entries (one member
+--          of a sorted set and one hash field), so a write costs the same at 10 or 100k
+--          schedules and a reader never sees a schedule in two places. Optionally removes the
+--          schedule from a key-based source in the same step (migration inside one slot).
+-- KEYS[1]: the schedule's data key ({prefix}:data:{schedule_id}, taskiq-redis 1.2's name)
+-- KEYS[2]: the index ({prefix}__schedules): a sorted set, every score 0, one member per
+--          schedule: its placement followed by its id ("c" cron, "i" interval,
+--          "t" + YYYY-MM-DDTHH:MM for a timed schedule of that UTC minute)
+-- KEYS[3...]: the placements ({prefix}__placement): a hash, schedule id -> placement; then,
+--             only when moving a schedule out of a key-based source, that source's data key
+--             and its index
 -- ARGV[1]: the schedule id
--- ARGV[2]: "cron", "interval" or "time" to store the schedule as that kind (replacing what was
---          stored under this id), "delete" to remove it, "prune" to remove its entries only if
---          its data key is missing
--- ARGV[3]: the serialized schedule when storing, else ignored
--- ARGV[4]: the bucket minute (unix seconds) of a "time" schedule, one of ARGV[6...]; else ""
--- ARGV[5]: n, the number of time bucket lists given in KEYS[5..4+n]
--- ARGV[6...]: the n bucket minutes (unix seconds) of those lists
--- returns: nil when done (or, for "prune", when the data exists and nothing was removed); the
---          minute of the schedule's current time bucket when that bucket was not given, in which
---          case nothing was changed
+-- ARGV[2]: "store" to store the schedule (replacing what was stored under this id),
+--          "delete" to remove it, "sent" to remove it only while it still has the placement
+--          ARGV[3] (a one-off schedule that was just sent and not moved meanwhile), "prune"
+--          to remove its index entry only if its data key is missing
+-- ARGV[3]: the placement for "store" and "sent", else ignored
+-- ARGV[4]: the serialized schedule for "store", else ignored
+-- returns: 1 when the schedule was stored or removed, 0 when "sent" or "prune" left it alone
 
-local id, action = ARGV[1], ARGV[2]
-local given = tonumber(ARGV[5])
-local buckets = {}
-for i = 1, given do
-    buckets[tonumber(ARGV[5 + i])] = KEYS[4 + i]
-end
-local storing = action == 'cron' or action == 'interval' or action == 'time'
-if not storing and action ~= 'delete' and action ~= 'prune' then
+local id, action, placement = ARGV[1], ARGV[2], ARGV[3]
+if action ~= 'store' and action ~= 'delete' and action ~= 'sent' and action ~= 'prune' then
     return redis.error_reply('schedule_write: unknown action ' .. action)
 end
-if #KEYS ~= 4 + given and #KEYS ~= 6 + given then
-    return redis.error_reply('schedule_write: expected ' .. (4 + given) .. ' or ' .. (6 + given)
-        .. ' keys, got ' .. #KEYS)
-end
-if action == 'time' and not buckets[tonumber(ARGV[4])] then
-    return redis.error_reply('schedule_write: the bucket of minute ' .. ARGV[4] .. ' is not given')
+if #KEYS ~= 3 and #KEYS ~= 5 then
+    return redis.error_reply('schedule_write: expected 3 or 5 keys, got ' .. #KEYS)
 end
 
+local old = redis.call('HGET', KEYS[3], id)
+if action == 'sent' and old ~= placement then
+    return 0
+end
 if action == 'prune' and redis.call('EXISTS', KEYS[1]) == 1 then
-    return false
+    return 0
 end
 
-local old = redis.call('ZSCORE', KEYS[4], id)
-if old and not buckets[tonumber(old)] then
-    return old
-end
-
-redis.call('LREM', KEYS[2], 0, id)
-redis.call('LREM', KEYS[3], 0, id)
-if old then
-    redis.call('LREM', buckets[tonumber(old)], 0, id)
-    redis.call('ZREM', KEYS[4], id)
-end
-
-if not storing then
-    redis.call('DEL', KEYS[1])
+if action == 'store' then
+    if old ~= placement then
+        if old then
+            redis.call('ZREM', KEYS[2], old .. id)
+        end
+        redis.call('ZADD', KEYS[2], 0, placement .. id)
+        redis.call('HSET', KEYS[3], id, placement)
+    end
+    redis.call('SET', KEYS[1], ARGV[4])
 else
-    redis.call('SET', KEYS[1], ARGV[3])
-    if action == 'cron' then
-        redis.call('RPUSH', KEYS[2], id)
-    elseif action == 'interval' then
-        redis.call('RPUSH', KEYS[3], id)
-    else
-        redis.call('RPUSH', buckets[tonumber(ARGV[4])], id)
-        redis.call('ZADD', KEYS[4], ARGV[4], id)
+    if old then
+        redis.call('ZREM', KEYS[2], old .. id)
+        redis.call('HDEL', KEYS[3], id)
+    end
+    if action ~= 'prune' then
+        redis.call('DEL', KEYS[1])
     end
 end
 
-if #KEYS == 4 + given + 2 then
-    redis.call('DEL', KEYS[5 + given])
-    redis.call('ZREM', KEYS[6 + given], id)
+if #KEYS == 5 then
+    redis.call('DEL', KEYS[4])
+    redis.call('ZREM', KEYS[5], id)
 end
-return false
+return 1

@@ -1,19 +1,23 @@
-"""Schedule sources that keep ids in lists: one implementation, three topologies.
+"""Schedule sources that index schedule ids in one sorted set: one implementation, three topologies.
 
-Keys (``base`` is the prefix, or ``{prefix}`` on a cluster so one script can reach them all):
+Keys (``base`` is the prefix, or ``{prefix}`` on a cluster so one script reaches them all):
 
-- ``base:data:<id>``: the serialized schedule (taskiq-redis 1.2 name)
-- ``base:cron``, ``base:interval``: lists of cron and interval schedule ids (1.2 names)
-- ``base:time:<YYYY-MM-DDTHH:MM>``: a list of the timed schedule ids due in that UTC minute
-  (1.2 names, still written so taskiq-redis 1.2 can read what this package stores)
-- ``base__time_index`` (``{prefix}__time_index``): added here, every timed schedule id scored by
-  its bucket minute, so the timed schedules due now or in any past minute are one range read,
-  on every call, without scanning the keyspace as 1.2 did.
+- ``base:data:<id>``: the serialized schedule (taskiq-redis 1.2's name and format).
+- ``{base}__schedules``: the index, a sorted set with every score 0 whose members are a
+  placement followed by the id: ``c<id>`` cron, ``i<id>`` interval, ``t<YYYY-MM-DDTHH:MM><id>``
+  a timed schedule of that UTC minute. Members sort crons first, then intervals, then timed
+  schedules by minute, so "every cron and interval schedule and every timed one due by now" is
+  one lexicographic range, read in pages whose cursor is the last member read. Writers cannot
+  shift a member, so a schedule that stays stored for a whole ``get_schedules()`` is returned
+  by it, however many others are added or deleted meanwhile.
+- ``{base}__placement``: a hash, id -> placement, so a write finds the one member to replace.
+  A write touches the data key, one member and one field: the same at 10 or 100k schedules.
 
-Writing a schedule, deleting one and fetching what is due are Lua scripts
-(``schedule_write``, ``schedule_fetch``). Timed schedules that taskiq-redis 1.2 wrote are not
-in the index: ``startup()`` (or the first ``get_schedules()``) scans for their bucket lists
-once and indexes them.
+taskiq-redis 1.2 kept ids in lists (``base:cron``, ``base:interval``,
+``base:time:<YYYY-MM-DDTHH:MM>``), where removing one id costs a pass over the whole list. Those
+lists are now an inbox: ``startup()`` moves every id in them into the index, and each
+``get_schedules()`` moves what a still-running 1.2 process pushed since (and logs a warning).
+1.2's deletes remove the data key, which this source notices and follows.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from redis.crc import key_slot
@@ -30,9 +34,7 @@ from taskiq.abc.serializer import TaskiqSerializer
 from taskiq.serializers import PickleSerializer
 
 from taskiq_redis import connection, keys, scripts
-from taskiq_redis.exceptions import TaskIQRedisError
 from taskiq_redis.schedule_source import (
-    SCAN_COUNT,
     BaseRedisScheduleSource,
     check_schedule,
     check_schedule_id,
@@ -48,25 +50,25 @@ logger = logging.getLogger("taskiq.redis_schedule_source")
 WRITE = "schedule_write"
 FETCH = "schedule_fetch"
 
-# A write is retried when the schedule sat in a time bucket the caller did not know of; only a
-# concurrent writer moving it again and again can use them all up.
-WRITE_ATTEMPTS = 4
+INDEX_SUFFIX = "__schedules"
+PLACEMENT_SUFFIX = "__placement"
+
+# How many ids one script call takes over from taskiq-redis 1.2's lists: bounded, so taking
+# over a large 1.2 deployment is many short calls rather than one long one.
+TAKE_OVER_BATCH = 1000
+
+# 1.2's time buckets of the minutes since the previous get_schedules() are checked for ids a
+# 1.2 process pushed; at most this many minutes back.
+INBOX_MINUTES = 10
+
+# How many of 1.2's lists one take-over call looks at.
+TAKE_OVER_LISTS = 100
 
 _Source = TypeVar("_Source", bound="BaseListRedisScheduleSource")
 
 
-class ScheduleMovedError(TaskIQRedisError):
-    """A schedule kept changing its time while it was being written."""
-
-    __template__ = (
-        "schedule {schedule_id} was moved to another time by someone else on every attempt to "
-        "write it; try again"
-    )
-    schedule_id: str
-
-
 def bucket_name(minute: int) -> str:
-    """The UTC minute a time bucket list is named after, in taskiq-redis 1.2's format."""
+    """The UTC minute a 1.2 time bucket list is named after, in taskiq-redis 1.2's format."""
     return datetime.fromtimestamp(minute, timezone.utc).strftime(keys.TIME_BUCKET_FORMAT)
 
 
@@ -79,15 +81,33 @@ def bucket_minute(name: str) -> int | None:
     return minute_of(parsed)
 
 
-def kind_of(schedule: ScheduledTask) -> tuple[str, int | None]:
-    """Which list a schedule goes to, taskiq-redis 1.2's order: cron, then time, then interval."""
+def timed_placement(minute: int) -> str:
+    """``t`` and the minute as ``YYYY-MM-DDTHH:MM``, zero-padded so text order is time order."""
+    at = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=minute)
+    return f"t{at.year:04}-{at.month:02}-{at.day:02}T{at.hour:02}:{at.minute:02}"
+
+
+def placement_of(schedule: ScheduledTask) -> str:
+    """Where a schedule is indexed, in taskiq-redis 1.2's order: cron, then time, then interval."""
     if schedule.cron is not None:
-        return "cron", None
+        return "c"
     if schedule.time is not None:
-        return "time", minute_of(schedule.time)
+        return timed_placement(minute_of(schedule.time))
     if schedule.interval:
-        return "interval", None
+        return "i"
     raise ValueError(f"schedule {schedule.schedule_id} has no cron, time or interval")
+
+
+def split_member(member: bytes) -> tuple[str, str]:
+    """An index member as (placement, schedule id)."""
+    value = member.decode()
+    cut = 17 if value.startswith("t") else 1
+    return value[:cut], value[cut:]
+
+
+def now() -> datetime:
+    """The scheduler's clock (tests replace it to step time)."""
+    return datetime.now(timezone.utc)
 
 
 class BaseListRedisScheduleSource(ScheduleSource):
@@ -108,14 +128,16 @@ class BaseListRedisScheduleSource(ScheduleSource):
         self._serializer = serializer or PickleSerializer()
         self._skip_past_schedules = skip_past_schedules
         self._base = keys.schedule_base(prefix, conn.is_cluster)
-        self._cron = keys.schedule_cron_key(self._base)
-        self._interval = keys.schedule_interval_key(self._base)
-        self._time_index = keys.schedule_time_index_key(self._base)
-        self._indexed = False
-        # With skip_past_schedules, timed schedules of minutes before this one are dropped: the
-        # minute of the first fetch, then that of the previous fetch, so a schedule added between
-        # two fetches for a minute in between is still sent.
-        self._skip_before: int | None = None
+        self._index = keys.beside(self._base, INDEX_SUFFIX)
+        self._placements = keys.beside(self._base, PLACEMENT_SUFFIX)
+        self._legacy_lists = {
+            keys.schedule_cron_key(self._base): "c",
+            keys.schedule_interval_key(self._base): "i",
+        }
+        self._taken_over = False
+        # The minute of the previous get_schedules(): 1.2's buckets from there to now are
+        # checked for ids a 1.2 process pushed.
+        self._previous_minute: int | None = None
         self._previous_schedule_source: ScheduleSource | None = None
         self._delete_schedules_after_migration = True
 
@@ -138,10 +160,10 @@ class BaseListRedisScheduleSource(ScheduleSource):
         return self
 
     async def startup(self) -> None:
-        """Load the scripts, index timed schedules taskiq-redis 1.2 wrote, then migrate."""
+        """Load the scripts, take over what taskiq-redis 1.2 wrote, then migrate."""
         await super().startup()
         await scripts.load(self._conn, [scripts.get(WRITE), scripts.get(FETCH)])
-        await self._index_legacy()
+        await self._take_over_legacy()
         if self._previous_schedule_source is not None:
             await self._migrate(self._previous_schedule_source)
 
@@ -154,56 +176,69 @@ class BaseListRedisScheduleSource(ScheduleSource):
         self,
         schedule_id: str,
         action: str,
+        placement: str = "",
         payload: bytes = b"",
-        minute: int | None = None,
-        hint: int | None = None,
         move_from: Sequence[str] = (),
-    ) -> None:
-        """Run the write script, naming the buckets the schedule is in or goes to.
-
-        ``minute`` is the bucket a timed schedule is stored in, ``hint`` the bucket it is
-        believed to be in now; a bucket the script reports that neither named is added and the
-        call repeated.
-        """
-        minutes = list(dict.fromkeys(m for m in (minute, hint) if m is not None))
-        for _ in range(WRITE_ATTEMPTS):
-            fixed = [self._data_key(schedule_id), self._cron, self._interval, self._time_index]
-            buckets = [self._bucket(m) for m in minutes]
-            stored_at: int | str = "" if minute is None else minute
-            args: list[bytes | str | int] = [schedule_id, action, payload, stored_at]
-            args += [len(minutes), *minutes]
-            moved = await scripts.run(
-                self._conn,
-                scripts.get(WRITE),
-                [*fixed, *buckets, *move_from],
-                args,
-            )
-            if moved is None:
-                return
-            minutes.append(int(float(moved)))
-        raise ScheduleMovedError(schedule_id=schedule_id)
+    ) -> int:
+        touched: int = await scripts.run(
+            self._conn,
+            scripts.get(WRITE),
+            [self._data_key(schedule_id), self._index, self._placements, *move_from],
+            [schedule_id, action, placement, payload],
+        )
+        return touched
 
     async def _store(self, schedule: ScheduledTask, move_from: Sequence[str] = ()) -> None:
         schedule = check_schedule(schedule)
-        kind, minute = kind_of(schedule)
+        placement = placement_of(schedule)
         payload = self._serializer.dumpb(schedule.model_dump(mode="json"))
-        await self._write(schedule.schedule_id, kind, payload, minute, move_from=move_from)
+        await self._write(schedule.schedule_id, "store", placement, payload, move_from)
 
     async def add_schedule(self, schedule: ScheduledTask) -> None:
-        """Store a schedule and its list entry, replacing one with the same id wherever it was."""
+        """Store a schedule and its index entry, replacing one with the same id wherever it was."""
         await self._store(schedule)
 
     async def delete_schedule(self, schedule_id: str) -> None:
-        """Remove a schedule and its list entry; an unknown id is not an error."""
+        """Remove a schedule and its index entry; an unknown id is not an error."""
         await self._write(check_schedule_id(schedule_id), "delete")
 
     async def post_send(self, task: ScheduledTask) -> None:
-        """A one-off timed schedule is deleted once it was sent."""
+        """A one-off timed schedule is deleted once sent (unless it was moved meanwhile)."""
         if task.time is not None:
-            await self._write(task.schedule_id, "delete", hint=minute_of(task.time))
+            await self._write(task.schedule_id, "sent", placement_of(task))
 
-    async def _index_legacy(self) -> None:
-        """Index the timed schedules in bucket lists that taskiq-redis 1.2 wrote."""
+    async def _fetch(
+        self,
+        page: int,
+        ranges: Sequence[tuple[str, str]],
+        inbox: dict[str, str],
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """Read ``ranges`` of the index page by page; take over 1.2's ``inbox`` lists first."""
+        members: list[tuple[str, str]] = []
+        taken: list[str] = []
+        at, start, budget = 1, "", TAKE_OVER_BATCH
+        bounds = [bound for pair in ranges for bound in pair]
+        while True:
+            args: list[str | int] = [page, budget, len(ranges), *bounds, at, start]
+            at, start, got, took = await scripts.run(
+                self._conn,
+                scripts.get(FETCH),
+                [self._index, self._placements, *inbox],
+                [*args, *inbox.values()],
+            )
+            start = text(start)
+            members += [split_member(member) for member in got]
+            taken += [text(schedule_id) for schedule_id in took]
+            if len(took) < budget:
+                budget = 0  # 1.2's lists are empty: the next pages need not look again
+            if at == 0 and not budget:
+                return members, taken
+            if at == 0:
+                page, at, start = 0, len(ranges) + 1, ""
+
+    async def _take_over_legacy(self) -> None:
+        """Move every id in taskiq-redis 1.2's lists into the index (once per process start)."""
+        inbox = dict(self._legacy_lists)
         bucket_prefix = keys.schedule_time_prefix(self._base)
         pattern = keys.glob_escape(bucket_prefix) + "*"
         async for key in scan_keys(self._conn, pattern, "list"):
@@ -211,65 +246,82 @@ class BaseListRedisScheduleSource(ScheduleSource):
             if minute is None:
                 logger.debug("List %s is not a time bucket; left alone", key)
                 continue
-            start = 0
-            while True:
-                ids = await self._conn.execute("LRANGE", key, start, start + SCAN_COUNT - 1)
-                if ids:
-                    scored = [item for schedule_id in ids for item in (minute, schedule_id)]
-                    await self._conn.execute("ZADD", self._time_index, "NX", *scored)
-                if len(ids) < SCAN_COUNT:
-                    break
-                start += SCAN_COUNT
-        self._indexed = True
-
-    async def _due_ids(self, now: int) -> tuple[list[str], dict[str, int]]:
-        """Cron and interval ids, and due timed ids with their minutes, page by page."""
-        listed: list[str] = []
-        timed: dict[str, int] = {}
-        position, offset = 1, 0
-        while True:
-            position, offset, ids, pairs = await scripts.run(
-                self._conn,
-                scripts.get(FETCH),
-                [self._cron, self._interval, self._time_index],
-                [position, offset, self._batch, now],
+            inbox[key] = timed_placement(minute)
+        lists = list(inbox.items())
+        taken: list[str] = []
+        for start in range(0, len(lists), TAKE_OVER_LISTS):
+            taken += (await self._fetch(0, [], dict(lists[start : start + TAKE_OVER_LISTS])))[1]
+        if taken:
+            logger.info(
+                "Took %d schedules written by taskiq-redis 1.2 under prefix %s into the index",
+                len(taken),
+                self._prefix,
             )
-            listed += [text(schedule_id) for schedule_id in ids]
-            for index in range(0, len(pairs), 2):
-                timed[text(pairs[index])] = int(float(pairs[index + 1]))
-            if position == 0:
-                return listed, timed
+        self._taken_over = True
+
+    def _ranges(self, minute: int) -> list[tuple[str, str]]:
+        """The index ranges due at ``minute``: 1.2.4's rule for timed schedules.
+
+        Every cron and interval schedule; timed schedules of this minute, and (unless
+        ``skip_past_schedules``) of every earlier minute too. Nothing is dropped because of
+        the clock: a schedule not handed out stays stored until sent or deleted.
+        """
+        next_minute = f"({timed_placement(minute + 60)}"
+        if self._skip_past_schedules:
+            return [("-", "(t"), (f"[{timed_placement(minute)}", next_minute)]
+        return [("-", next_minute)]
+
+    def _inbox(self, minute: int) -> dict[str, str]:
+        """1.2's lists a 1.2 process may have pushed to since the previous call."""
+        first = minute if self._previous_minute is None else self._previous_minute
+        first = max(first, minute - INBOX_MINUTES * 60)
+        inbox = dict(self._legacy_lists)
+        for bucket_at in range(first, minute + 60, 60):
+            inbox[self._bucket(bucket_at)] = timed_placement(bucket_at)
+        return inbox
 
     async def get_schedules(self) -> list[ScheduledTask]:
-        """Every cron and interval schedule, and every timed one whose minute has come.
+        """Every cron and interval schedule, and the timed ones due (1.2.4's rule).
 
-        With 1000 schedules and nothing past due this is five Redis commands: the fetch script
-        (which runs LRANGE, LRANGE and ZRANGE) and one MGET.
+        With 1000 cron schedules this is four Redis commands: the fetch script (which runs
+        EXISTS and ZRANGE) and one MGET.
         """
-        if not self._indexed:
-            await self._index_legacy()
-        now = minute_of(datetime.now(timezone.utc))
-        listed, timed = await self._due_ids(now)
-        if self._skip_past_schedules:
-            skip_before = now if self._skip_before is None else self._skip_before
-            past = {i: minute for i, minute in timed.items() if minute < skip_before}
-            for schedule_id, minute in past.items():
-                await self._write(schedule_id, "delete", hint=minute)
-            if past:
-                logger.info("Removed %d timed schedules of past minutes", len(past))
-            timed = {i: minute for i, minute in timed.items() if i not in past}
-            self._skip_before = now
+        if not self._taken_over:
+            await self._take_over_legacy()
+        minute = minute_of(now())
+        members, taken = await self._fetch(self._batch, self._ranges(minute), self._inbox(minute))
+        self._previous_minute = minute
+        if taken:
+            logger.warning(
+                "taskiq-redis 1.2 added schedules %s under prefix %s while this source runs; "
+                "they are taken over now. Upgrade every process that adds schedules: 1.2 does "
+                "not see schedules this package writes",
+                ", ".join(taken[:10]) + (" ..." if len(taken) > 10 else ""),
+                self._prefix,
+            )
+        placements = dict((schedule_id, placement) for placement, schedule_id in members)
         found, missing = await read_schedules(
             self._conn,
             self._serializer,
-            list(dict.fromkeys([*listed, *timed])),
+            list(placements),
             self._data_key,
             self._batch,
         )
         for schedule_id in missing:
-            # An id whose schedule was deleted by a writer that removes the data first (1.2).
-            await self._write(schedule_id, "prune", hint=timed.get(schedule_id))
-        return list(found.values())
+            # Deleted meanwhile, or by a writer that removes the data only (1.2).
+            await self._write(schedule_id, "prune")
+        schedules = []
+        for schedule_id, schedule in found.items():
+            try:
+                moved = placement_of(schedule) != placements[schedule_id]
+            except ValueError:
+                moved = True
+            if moved:
+                # Rewritten while this call ran: its new index entry is read where it now is.
+                logger.debug("Schedule %s changed during the read; left out", schedule_id)
+                continue
+            schedules.append(schedule)
+        return schedules
 
     async def _migrate(self, source: ScheduleSource) -> None:
         """Copy ``source``'s schedules here, deleting them there when asked.
@@ -308,7 +360,7 @@ class BaseListRedisScheduleSource(ScheduleSource):
         if source._conn.is_cluster != self._conn.is_cluster:
             return False
         if self._conn.is_cluster and key_slot(source._index.encode()) != key_slot(
-            self._time_index.encode()
+            self._index.encode()
         ):
             return False
         probe, token = keys.schedule_probe_key(source._base), uuid.uuid4().hex

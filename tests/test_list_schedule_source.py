@@ -97,6 +97,18 @@ async def write_like_1_2(raw: AsyncRedisClient, prefix: str, schedule: Scheduled
         await raw.rpush(f"{prefix}:interval", schedule.schedule_id)
 
 
+async def write_many_like_1_2(
+    raw: AsyncRedisClient, base: str, schedules: list[ScheduledTask]
+) -> None:
+    """Many schedules in 1.2's layout, a few thousand commands per round trip."""
+    for start in range(0, len(schedules), 5000):
+        part = schedules[start : start + 5000]
+        await raw.mset({f"{base}:data:{s.schedule_id}": legacy_bytes(s) for s in part})
+        crons = [s.schedule_id for s in part if s.cron is not None]
+        if crons:
+            await raw.rpush(f"{base}:cron", *crons)
+
+
 async def test_cron_interval_and_timed_schedules_round_trip(
     source: Source, raw_redis: AsyncRedisClient, unique: str
 ) -> None:
@@ -180,9 +192,10 @@ async def test_every_schedule_is_read_across_batches(
         await raw_redis.unlink(*await keys_with(raw_redis, unique))
 
 
-async def test_skip_past_schedules_drops_what_was_missed(
+async def test_skip_past_schedules_hands_out_this_minute_only_and_deletes_nothing(
     make_source: Callable[..., Source], raw_redis: AsyncRedisClient, unique: str
 ) -> None:
+    """1.2.4's rule: with skip_past_schedules, every call returns this minute's timed schedules."""
     await clear_of_minute_end()
     source = make_source(skip_past_schedules=True)
     try:
@@ -191,22 +204,64 @@ async def test_skip_past_schedules_drops_what_was_missed(
             timed("now"),
             timed("later", minutes_from_now=3),
             cron("c"),
+            interval("i"),
         ]:
             await source.add_schedule(schedule)
-        assert ids(await source.get_schedules()) == ["c", "now"]
-        assert ids(await source.get_schedules()) == ["c", "now"], "this minute stays due"
+        assert ids(await source.get_schedules()) == ["c", "i", "now"]
+        assert ids(await source.get_schedules()) == ["c", "i", "now"], "this minute stays due"
         remaining = await keys_with(raw_redis, unique)
     finally:
         await source.shutdown()
-    assert not [key for key in remaining if key.endswith(":missed")], "removed, not left behind"
-    assert [key for key in remaining if key.endswith(":later")]
+    for schedule_id in ("missed", "now", "later"):
+        assert [key for key in remaining if key.endswith(f":data:{schedule_id}")], schedule_id
+
+
+@pytest.mark.parametrize("skip_past_schedules", [False, True], ids=["default", "skip_past"])
+async def test_a_clock_stepping_back_loses_nothing(
+    make_source: Callable[..., Source], monkeypatch: pytest.MonkeyPatch, skip_past_schedules: bool
+) -> None:
+    """Minutes handed out depend on the clock; what is stored never does."""
+    from taskiq_redis import list_schedule_source
+
+    start = datetime.now(timezone.utc).replace(second=30, microsecond=0)
+    clock = [start]
+    monkeypatch.setattr(list_schedule_source, "now", lambda: clock[0])
+    at_start = timed("at_start", minutes_from_now=0).model_copy(update={"time": start})
+    later = at_start.model_copy(update={"schedule_id": "later", "time": start + timedelta(minutes=5)})
+    source = make_source(skip_past_schedules=skip_past_schedules)
+    try:
+        await source.add_schedule(at_start)
+        await source.add_schedule(later)
+        assert ids(await source.get_schedules()) == ["at_start"]
+        clock[0] = start + timedelta(minutes=10)  # NTP jumps ahead ...
+        assert ids(await source.get_schedules()) == (
+            [] if skip_past_schedules else ["at_start", "later"]
+        )
+        clock[0] = start  # ... and back
+        assert ids(await source.get_schedules()) == ["at_start"]
+        clock[0] = start + timedelta(minutes=5)
+        assert "later" in ids(await source.get_schedules())
+    finally:
+        await source.shutdown()
+
+
+async def test_post_send_leaves_a_schedule_that_was_moved_meanwhile(source: Source) -> None:
+    """The scheduler sent the 12:00 run while someone moved the schedule to 13:00: 13:00 stays."""
+    sent = timed("x", minutes_from_now=-1)
+    await source.add_schedule(sent)
+    assert ids(await source.get_schedules()) == ["x"]
+    await source.add_schedule(timed("x", minutes_from_now=-30))
+    await source.post_send(sent)
+    assert ids(await source.get_schedules()) == ["x"]
+    await source.post_send((await source.get_schedules())[0])
+    assert await source.get_schedules() == []
 
 
 @pytest.mark.parametrize("topology", ["single", "sentinel"], indirect=True)
-async def test_schedules_stored_by_1_2_are_read_and_1_2_reads_ours(
+async def test_schedules_stored_by_1_2_are_taken_over(
     make_source: Callable[..., Source], raw_redis: AsyncRedisClient, unique: str
 ) -> None:
-    """Same layout as taskiq-redis 1.2; timed schedules 1.2 wrote are indexed at startup."""
+    """1.2's lists are read at startup; their ids move into the index, the data stays put."""
     await clear_of_minute_end()
     prefix = f"list{unique}"
     old = [
@@ -225,15 +280,34 @@ async def test_schedules_stored_by_1_2_are_read_and_1_2_reads_ours(
         await source.delete_schedule("past")
         await source.delete_schedule("future")
         assert ids(await source.get_schedules()) == ["c", "i", "now"]
-        # What this package writes lands where 1.2 reads it.
-        await source.add_schedule(timed("ours"))
-        assert await raw_redis.lrange(f"{prefix}:time:{bucket(timed('x'))}", 0, -1) == [
-            b"now",
-            b"ours",
-        ]
     finally:
         await source.shutdown()
     assert await raw_redis.exists(f"{prefix}:data:past", f"{prefix}:data:future") == 0
+    assert await raw_redis.get(f"{prefix}:data:c") == legacy_bytes(cron("c")), "1.2's data key"
+    assert not [key for key in await keys_with(raw_redis, unique) if ":time:" in key]
+
+
+@pytest.mark.parametrize("topology", ["single", "sentinel"], indirect=True)
+async def test_a_1_2_process_still_running_beside_it(
+    source: Source, raw_redis: AsyncRedisClient, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 1.2 writer's adds are taken over at the next call (with a warning); its deletes hold."""
+    await clear_of_minute_end()
+    prefix = f"list{unique}"
+    await source.add_schedule(cron("ours"))
+    assert ids(await source.get_schedules()) == ["ours"]
+    for schedule in (cron("c12"), interval("i12"), timed("t12"), timed("f12", minutes_from_now=5)):
+        await write_like_1_2(raw_redis, prefix, schedule)
+    with caplog.at_level(logging.WARNING, "taskiq.redis_schedule_source"):
+        assert ids(await source.get_schedules()) == ["c12", "i12", "ours", "t12"]
+    assert "taskiq-redis 1.2 added schedules" in caplog.text
+    assert "c12" in caplog.text
+    # 1.2's delete_schedule: GETDEL of the data, then LREM from its list.
+    for schedule_id in ("ours", "c12", "t12"):
+        await raw_redis.getdel(f"{prefix}:data:{schedule_id}")
+    await raw_redis.lrem(f"{prefix}:cron", 0, "ours")
+    assert ids(await source.get_schedules()) == ["i12"]
+    assert ids(await source.get_schedules()) == ["i12"]
 
 
 async def test_cluster_prefix_gets_a_hash_tag(
@@ -246,10 +320,57 @@ async def test_cluster_prefix_gets_a_hash_tag(
         source = make_source(prefix=prefix)
         try:
             await source.add_schedule(cron("c"))
-            assert await raw_redis.lrange(f"{base}:cron", 0, -1) == [b"c"]
+            assert await raw_redis.exists(f"{base}:data:c") == 1
+            index = f"{base}__schedules" if "{" in base else f"{{{base}}}__schedules"
+            assert await raw_redis.zrange(index, 0, -1) == [b"cc"]
             await source.delete_schedule("c")
         finally:
             await source.shutdown()
+
+
+async def test_no_schedule_is_missed_while_others_are_written(
+    topology: Topology, make_source: Callable[..., Source], raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    """3000 crons; another process re-adds, deletes and re-adds others: 100 calls, 0 misses."""
+    base = base_of(topology, f"list{unique}")
+    # Interleaved, in list and in name order: what the writer moves sits among what must stay.
+    steady = [f"{number:04}s" for number in range(1500)]
+    churned = [f"{number:04}x" for number in range(1500)]
+    mixed = [schedule_id for pair in zip(steady, churned, strict=True) for schedule_id in pair]
+    await write_many_like_1_2(raw_redis, base, [cron(i) for i in mixed])
+    source, writer = make_source(), make_source()
+    await source.startup()
+    stop = asyncio.Event()
+    written = [0]
+
+    async def churn(number: int) -> None:
+        while not stop.is_set():
+            schedule_id = churned[number % len(churned)]
+            if number % 2:
+                await writer.add_schedule(cron(schedule_id, cron=f"{number % 60} * * * *"))
+            else:
+                await writer.delete_schedule(schedule_id)
+                await writer.add_schedule(cron(schedule_id))
+            number += 2
+            written[0] += 1
+
+    writers = [asyncio.create_task(churn(start)) for start in range(2)]
+    try:
+        misses, overlapped = 0, 0
+        for _ in range(100):
+            before = written[0]
+            got = {schedule.schedule_id for schedule in await source.get_schedules()}
+            overlapped += written[0] > before
+            misses += len(set(steady) - got)
+            assert len(got) <= len(steady) + len(churned)
+        assert misses == 0
+        assert overlapped >= 90, "the other writer wrote during (nearly) every call"
+    finally:
+        stop.set()
+        await asyncio.gather(*writers)
+        await source.shutdown()
+        await writer.shutdown()
+        await raw_redis.unlink(*await keys_with(raw_redis, unique))
 
 
 async def test_corrupt_schedule_is_logged_and_skipped(
