@@ -299,7 +299,7 @@ class BaseListRedisScheduleSource(ScheduleSource):
                 ", ".join(taken[:10]) + (" ..." if len(taken) > 10 else ""),
                 self._prefix,
             )
-        placements = dict((schedule_id, placement) for placement, schedule_id in members)
+        placements = {schedule_id: placement for placement, schedule_id in members}
         found, missing = await read_schedules(
             self._conn,
             self._serializer,
