@@ -4,14 +4,20 @@ Each schedule is one key, ``prefix:schedule_id``, as in taskiq-redis 1.2. 1.2 fo
 scanning the whole keyspace on every ``get_schedules()``, which costs thousands of commands in a
 busy database; here every add and delete also maintains an index (a sorted set beside the
 prefix), so reading 1000 schedules is two commands. Schedules that taskiq-redis 1.2 wrote are
-not in the index: ``startup()`` (or the first ``get_schedules()``) scans for them once and
-indexes them. On a cluster the keys live under ``{prefix}`` so a schedule and its index entry
-share a slot; 1.2's ``prefix:schedule_id`` keys found there are moved under it.
+not in the index: ``startup()`` (or the first ``get_schedules()``) scans for them, and so does
+a ``get_schedules()`` every ten minutes, which also warns that a 1.2 process is still writing.
+
+On a cluster the keys live under ``{prefix}`` so a schedule and its index entry share a slot;
+1.2's ``prefix:schedule_id`` keys found there are moved under it. A 1.2 process deleting a
+schedule afterwards deletes the old name and is not seen, so on a cluster the processes that add
+or delete schedules are upgraded before the scheduler; every add and delete here also removes
+1.2's name, so a 1.2 scheduler still running does not keep a deleted schedule either.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
@@ -33,6 +39,9 @@ KEY_WRITE = "schedule_key_write"
 MIN_READ_BATCH = 2000
 
 SCAN_COUNT = 1000
+
+# How often get_schedules() looks for keys a taskiq-redis 1.2 process wrote since (seconds).
+LEGACY_RESCAN_SECONDS = 600.0
 
 
 def read_batch(prefix: object, buffer_size: object) -> int:
@@ -137,9 +146,15 @@ class BaseRedisScheduleSource(ScheduleSource):
         self._base = keys.schedule_base(prefix, conn.is_cluster)
         self._index = keys.schedule_index_key(self._base)
         self._indexed = False
+        self._next_legacy_scan = 0.0
 
     def _key(self, schedule_id: str) -> str:
         return keys.schedule_key(self._base, schedule_id)
+
+    def _legacy_key(self, schedule_id: str) -> str | None:
+        """taskiq-redis 1.2's name for a schedule where it differs from ours (a cluster)."""
+        legacy = f"{self.prefix}:{schedule_id}"
+        return None if legacy == self._key(schedule_id) else legacy
 
     async def startup(self) -> None:
         """Load the script and index the schedules taskiq-redis 1.2 wrote."""
@@ -159,6 +174,10 @@ class BaseRedisScheduleSource(ScheduleSource):
             [self._key(schedule_id), self._index],
             [schedule_id, action, payload],
         )
+        legacy = self._legacy_key(schedule_id)
+        if legacy is not None and action != "prune":
+            # Another slot, so not in the script: a 1.2 copy must not outlive this write.
+            await self._conn.execute("DEL", legacy)
 
     async def add_schedule(self, schedule: ScheduledTask) -> None:
         """Store a schedule (replacing one with the same id) and its index entry."""
@@ -175,15 +194,17 @@ class BaseRedisScheduleSource(ScheduleSource):
         if task.time is not None:
             await self.delete_schedule(task.schedule_id)
 
-    async def _index_legacy(self) -> None:
-        """Index every ``prefix:schedule_id`` key, as taskiq-redis 1.2 wrote them, once.
+    async def _index_legacy(self) -> int:
+        """Index every ``prefix:schedule_id`` key taskiq-redis 1.2 wrote; how many were new.
 
         Where 1.2's key is the key this source uses (single node, sentinel, a prefix with a
         hash tag) it is only indexed; elsewhere (a cluster) it is copied under ``{prefix}``
-        first and deleted after, so a crash half way loses nothing.
+        first and deleted after, so a crash half way loses nothing. A 1.2 key found there is
+        newer than ours: every write here deletes 1.2's name.
         """
         pattern = keys.glob_escape(self.prefix) + ":*"
         in_place: list[str] = []
+        found = 0
         async for key in scan_keys(self._conn, pattern, "string"):
             schedule_id = key[len(self.prefix) + 1 :]
             if key == self._key(schedule_id):
@@ -192,10 +213,27 @@ class BaseRedisScheduleSource(ScheduleSource):
             payload = await self._conn.execute("GET", key)
             if payload is not None:
                 await self._write(schedule_id, "set", payload)
-                await self._conn.execute("DEL", key)
+                found += 1
         for part in chunks(in_place, SCAN_COUNT):
-            await self._conn.execute("ZADD", self._index, "NX", *_scored(part))
+            found += await self._conn.execute("ZADD", self._index, "NX", *_scored(part))
         self._indexed = True
+        self._next_legacy_scan = time.monotonic() + LEGACY_RESCAN_SECONDS
+        return found
+
+    async def _rescan_legacy(self) -> None:
+        """Index what a taskiq-redis 1.2 process wrote since the last scan, and say so."""
+        found = await self._index_legacy()
+        if found:
+            logger.warning(
+                "%d schedules under prefix %s were written by taskiq-redis 1.2 after this source "
+                "started; they are indexed now. Upgrade every process that adds or deletes "
+                "schedules: %s",
+                found,
+                self.prefix,
+                "on a cluster 1.2's deletes are not seen here"
+                if self._conn.is_cluster
+                else "their schedules are seen here only every few minutes",
+            )
 
     async def _schedule_ids(self) -> list[str]:
         """Every indexed id, page by page in id order, so concurrent writes skip no one."""
@@ -214,6 +252,8 @@ class BaseRedisScheduleSource(ScheduleSource):
         """Every schedule of the source: one index read and one MGET per batch."""
         if not self._indexed:
             await self._index_legacy()
+        elif time.monotonic() >= self._next_legacy_scan:
+            await self._rescan_legacy()
         found, missing = await read_schedules(
             self._conn, self.serializer, await self._schedule_ids(), self._key, self._batch
         )

@@ -232,3 +232,54 @@ async def test_bad_arguments_are_refused(source: Source) -> None:
         await source.add_schedule({"cron": "* * * * *"})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="schedule_id must be a string"):
         await source.delete_schedule(5)  # type: ignore[arg-type]
+
+
+async def test_a_1_2_writer_after_startup_is_found_and_warned_about(
+    topology: Topology,
+    source: Source,
+    raw_redis: AsyncRedisClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every LEGACY_RESCAN_SECONDS get_schedules() looks for 1.2's keys again, and warns."""
+    from taskiq_redis import schedule_source
+
+    await source.add_schedule(cron("ours"))
+    assert ids(await source.get_schedules()) == ["ours"]
+    await raw_redis.set(f"{source.prefix}:late", legacy_bytes(cron("late")))
+    assert ids(await source.get_schedules()) == ["ours"], "not scanned on every call"
+
+    monkeypatch.setattr(schedule_source.time, "monotonic", lambda: 1e12)
+    with caplog.at_level(logging.WARNING, "taskiq.redis_schedule_source"):
+        assert ids(await source.get_schedules()) == ["late", "ours"]
+    assert "were written by taskiq-redis 1.2 after this source started" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "taskiq.redis_schedule_source"):
+        assert ids(await source.get_schedules()) == ["late", "ours"]
+    assert "taskiq-redis 1.2" not in caplog.text, "warned once per 1.2 write"
+
+
+async def test_writes_remove_the_1_2_name_too(
+    topology: Topology, make_source: Callable[..., Source], raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    """Writers upgraded before the scheduler: a 1.2 scheduler sees a deleted schedule go.
+
+    On a cluster 1.2's ``prefix:id`` is another key than ``{prefix}:id``: a delete (and an add,
+    whose data supersedes it) removes both.
+    """
+    prefix = f"mixed{unique}"
+    await raw_redis.set(f"{prefix}:a", legacy_bytes(cron("a")))
+    await raw_redis.set(f"{prefix}:b", legacy_bytes(cron("b")))
+    writer = make_source(prefix=prefix)  # an API process: never started, never scans
+    try:
+        await writer.delete_schedule("a")
+        await writer.add_schedule(cron("b", cron="5 * * * *"))
+    finally:
+        await writer.shutdown()
+    assert await raw_redis.exists(f"{prefix}:a") == 0
+    legacy_b = await raw_redis.get(f"{prefix}:b")
+    if topology.name == "cluster":
+        assert legacy_b is None
+    else:
+        assert legacy_b is not None
+        assert pickle.loads(legacy_b)["cron"] == "5 * * * *"
