@@ -29,6 +29,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/schedules.py
 
 redis-up: install
 	mkdir -p .redis

@@ -16,13 +16,18 @@
 -- ARGV[2]: "store" to store the schedule (replacing what was stored under this id),
 --          "delete" to remove it, "sent" to remove it only while it still has the placement
 --          ARGV[3] (a one-off schedule that was just sent and not moved meanwhile), "prune"
---          to remove its index entry only if its data key is missing
--- ARGV[3]: the placement for "store" and "sent", else ignored
--- ARGV[4]: the serialized schedule for "store", else ignored
--- returns: 1 when the schedule was stored or removed, 0 when "sent" or "prune" left it alone
+--          to remove its index entry only if its data key is missing, "move" to give it the
+--          placement ARGV[3] only while it still has the placement ARGV[4] (its data, written
+--          by someone else, says it belongs elsewhere)
+-- ARGV[3]: the placement for "store", "sent" and "move", else ignored
+-- ARGV[4]: the serialized schedule for "store", the placement expected now for "move", else
+--          ignored
+-- returns: 1 when the schedule was stored, moved or removed, 0 when "sent", "prune" or "move"
+--          left it alone
 
 local id, action, placement = ARGV[1], ARGV[2], ARGV[3]
-if action ~= 'store' and action ~= 'delete' and action ~= 'sent' and action ~= 'prune' then
+local known = {store = true, delete = true, sent = true, prune = true, move = true}
+if not known[action] then
     return redis.error_reply('schedule_write: unknown action ' .. action)
 end
 if #KEYS ~= 3 and #KEYS ~= 5 then
@@ -36,8 +41,11 @@ end
 if action == 'prune' and redis.call('EXISTS', KEYS[1]) == 1 then
     return 0
 end
+if action == 'move' and (old ~= ARGV[4] or redis.call('EXISTS', KEYS[1]) == 0) then
+    return 0
+end
 
-if action == 'store' then
+if action == 'store' or action == 'move' then
     if old ~= placement then
         if old then
             redis.call('ZREM', KEYS[2], old .. id)
@@ -45,7 +53,9 @@ if action == 'store' then
         redis.call('ZADD', KEYS[2], 0, placement .. id)
         redis.call('HSET', KEYS[3], id, placement)
     end
-    redis.call('SET', KEYS[1], ARGV[4])
+    if action == 'store' then
+        redis.call('SET', KEYS[1], ARGV[4])
+    end
 else
     if old then
         redis.call('ZREM', KEYS[2], old .. id)

@@ -55,7 +55,7 @@ PLACEMENT_SUFFIX = "__placement"
 
 # How many ids one script call takes over from taskiq-redis 1.2's lists: bounded, so taking
 # over a large 1.2 deployment is many short calls rather than one long one.
-TAKE_OVER_BATCH = 1000
+TAKE_OVER_BATCH = 250
 
 # 1.2's time buckets of the minutes since the previous get_schedules() are checked for ids a
 # 1.2 process pushed; at most this many minutes back.
@@ -312,13 +312,17 @@ class BaseListRedisScheduleSource(ScheduleSource):
             await self._write(schedule_id, "prune")
         schedules = []
         for schedule_id, schedule in found.items():
+            seen = placements[schedule_id]
             try:
-                moved = placement_of(schedule) != placements[schedule_id]
+                placement = placement_of(schedule)
             except ValueError:
-                moved = True
-            if moved:
-                # Rewritten while this call ran: its new index entry is read where it now is.
-                logger.debug("Schedule %s changed during the read; left out", schedule_id)
+                logger.warning("Schedule %s has no cron, time or interval; skipped", schedule_id)
+                continue
+            if placement != seen:
+                # Rewritten while this call ran (then it is already indexed elsewhere), or by a
+                # 1.2 process whose list this source did not look at: index it where it belongs.
+                # It is handed out from there, by the next call at the latest.
+                await self._write(schedule_id, "move", placement, seen.encode())
                 continue
             schedules.append(schedule)
         return schedules

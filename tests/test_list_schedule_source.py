@@ -314,6 +314,16 @@ async def test_a_1_2_process_still_running_beside_it(
     assert ids(await source.get_schedules()) == ["i12"]
     assert ids(await source.get_schedules()) == ["i12"]
 
+    # 1.2 moves one of ours to a later minute, pushing it to a bucket no call looks at.
+    await source.add_schedule(timed("moved", minutes_from_now=-30))
+    await write_like_1_2(raw_redis, prefix, timed("moved", minutes_from_now=30))
+    assert ids(await source.get_schedules()) == ["i12"], "its data says later"
+    assert ids(await source.get_schedules()) == ["i12"]
+    index = f"{{{prefix}}}__schedules"
+    assert [m for m in await raw_redis.zrange(index, 0, -1) if m.endswith(b"moved")] == [
+        f"t{bucket(timed('x', minutes_from_now=30))}moved".encode()
+    ], "indexed where its data says"
+
 
 async def test_cluster_prefix_gets_a_hash_tag(
     topology: Topology, make_source: Callable[..., Source], raw_redis: AsyncRedisClient, unique: str
