@@ -48,14 +48,14 @@ from taskiq_redis.schedule_source import (
 logger = logging.getLogger("taskiq.redis_schedule_source")
 
 WRITE = "schedule_write"
-FETCH = "schedule_fetch"
+TAKE_OVER = "schedule_take_over"
 
 INDEX_SUFFIX = "__schedules"
 PLACEMENT_SUFFIX = "__placement"
 
 # How many ids one script call takes over from taskiq-redis 1.2's lists: bounded, so taking
 # over a large 1.2 deployment is many short calls rather than one long one.
-TAKE_OVER_BATCH = 250
+TAKE_OVER_BATCH = 100
 
 # 1.2's time buckets of the minutes since the previous get_schedules() are checked for ids a
 # 1.2 process pushed; at most this many minutes back.
@@ -162,7 +162,7 @@ class BaseListRedisScheduleSource(ScheduleSource):
     async def startup(self) -> None:
         """Load the scripts, take over what taskiq-redis 1.2 wrote, then migrate."""
         await super().startup()
-        await scripts.load(self._conn, [scripts.get(WRITE), scripts.get(FETCH)])
+        await scripts.load(self._conn, [scripts.get(WRITE), scripts.get(TAKE_OVER)])
         await self._take_over_legacy()
         if self._previous_schedule_source is not None:
             await self._migrate(self._previous_schedule_source)
@@ -207,34 +207,38 @@ class BaseListRedisScheduleSource(ScheduleSource):
         if task.time is not None:
             await self._write(task.schedule_id, "sent", placement_of(task))
 
-    async def _fetch(
-        self,
-        page: int,
-        ranges: Sequence[tuple[str, str]],
-        inbox: dict[str, str],
-    ) -> tuple[list[tuple[str, str]], list[str]]:
-        """Read ``ranges`` of the index page by page; take over 1.2's ``inbox`` lists first."""
-        members: list[tuple[str, str]] = []
+    async def _take_over(self, inbox: dict[str, str]) -> list[str]:
+        """Move the ids in taskiq-redis 1.2's ``inbox`` lists into the index, in short calls."""
         taken: list[str] = []
-        at, start, budget = 1, "", TAKE_OVER_BATCH
-        bounds = [bound for pair in ranges for bound in pair]
         while True:
-            args: list[str | int] = [page, budget, len(ranges), *bounds, at, start]
-            at, start, got, took = await scripts.run(
+            took = await scripts.run(
                 self._conn,
-                scripts.get(FETCH),
+                scripts.get(TAKE_OVER),
                 [self._index, self._placements, *inbox],
-                [*args, *inbox.values()],
+                [TAKE_OVER_BATCH, *inbox.values()],
             )
-            start = text(start)
-            members += [split_member(member) for member in got]
             taken += [text(schedule_id) for schedule_id in took]
-            if len(took) < budget:
-                budget = 0  # 1.2's lists are empty: the next pages need not look again
-            if at == 0 and not budget:
-                return members, taken
-            if at == 0:
-                page, at, start = 0, len(ranges) + 1, ""
+            if len(took) < TAKE_OVER_BATCH:
+                return taken
+
+    async def _read(self, ranges: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The index members in ``ranges``, page by page from the last member read.
+
+        A member is a fixed point that writers cannot shift: a schedule indexed for the whole
+        read is in one of the pages, however many others are added or removed meanwhile.
+        """
+        members: list[tuple[str, str]] = []
+        for start, high in ranges:
+            low: str | bytes = start
+            while True:
+                page = await self._conn.execute(
+                    "ZRANGE", self._index, low, high, "BYLEX", "LIMIT", 0, self._batch
+                )
+                members += [split_member(member) for member in page]
+                if len(page) < self._batch:
+                    break
+                low = b"(" + page[-1]
+        return members
 
     async def _take_over_legacy(self) -> None:
         """Move every id in taskiq-redis 1.2's lists into the index (once per process start)."""
@@ -250,7 +254,7 @@ class BaseListRedisScheduleSource(ScheduleSource):
         lists = list(inbox.items())
         taken: list[str] = []
         for start in range(0, len(lists), TAKE_OVER_LISTS):
-            taken += (await self._fetch(0, [], dict(lists[start : start + TAKE_OVER_LISTS])))[1]
+            taken += await self._take_over(dict(lists[start : start + TAKE_OVER_LISTS]))
         if taken:
             logger.info(
                 "Took %d schedules written by taskiq-redis 1.2 under prefix %s into the index",
@@ -283,13 +287,17 @@ class BaseListRedisScheduleSource(ScheduleSource):
     async def get_schedules(self) -> list[ScheduledTask]:
         """Every cron and interval schedule, and the timed ones due (1.2.4's rule).
 
-        With 1000 cron schedules this is four Redis commands: the fetch script (which runs
-        EXISTS and ZRANGE) and one MGET.
+        With 1000 cron schedules this is three Redis commands: EXISTS (has a 1.2 process
+        pushed ids to its lists?), ZRANGE of the index and MGET of the schedules.
         """
         if not self._taken_over:
             await self._take_over_legacy()
         minute = minute_of(now())
-        members, taken = await self._fetch(self._batch, self._ranges(minute), self._inbox(minute))
+        inbox = self._inbox(minute)
+        taken = []
+        if await self._conn.execute("EXISTS", *inbox):
+            taken = await self._take_over(inbox)
+        members = await self._read(self._ranges(minute))
         self._previous_minute = minute
         if taken:
             logger.warning(
