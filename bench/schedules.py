@@ -27,7 +27,6 @@ OPERATIONS = ("startup", "get_schedules", "add_schedule", "delete_schedule")
 SLOW_USEC = 200
 # What this package's schedule scripts run inside (never sent on their own by the source).
 SCRIPT_INTERNALS = {
-    "zrange",
     "zadd",
     "zrem",
     "hget",
