@@ -188,10 +188,7 @@ def print_table(table: dict[int, dict[str, dict[str, Any]]], sides: list[str]) -
                     values = ("n/a", "n/a", "n/a", "n/a")
                 else:
                     longest = cell["longest_ms"]
-                    if longest:
-                        longest_text = f"{longest:.2f} ms"
-                    else:
-                        longest_text = f"< {SLOW_USEC / 1000} ms"
+                    longest_text = f"{longest:.2f} ms" if longest else f"< {SLOW_USEC / 1000} ms"
                     values = (
                         f"{cell['commands']:.1f}",
                         f"{cell['redis_ms']:.3f}",
