@@ -1,25 +1,34 @@
 -- name: stream_ack
--- version: 1
--- purpose: acknowledge one stream entry for a consumer group, then delete it from the stream if
---          every consumer group of the stream has delivered and acknowledged it (so the stream
+-- version: 2
+-- purpose: acknowledge stream entries for a consumer group, then delete from the stream each one
+--          that every consumer group of the stream has delivered and acknowledged (so the stream
 --          does not grow without bound, and no group ever loses an entry it still needs). With
---          dead-letter fields, the entry is first copied to the dead-letter stream. Bounded by
---          the number of consumer groups of the stream.
+--          dead-letter fields, they are first added to the dead-letter stream as one entry.
+--          Many ids per call: the acks a worker gathers during one round trip go as one call.
+--          Bounded by the number of ids passed times the number of consumer groups.
 -- KEYS[1]: the stream (the queue)
 -- KEYS[2]: the queue's dead-letter stream, in the same slot ({queue}:dead)
 -- ARGV[1]: the consumer group acknowledging
--- ARGV[2]: the entry id
--- ARGV[3...]: optional field, value pairs; when given, they are added to KEYS[2] as one entry first
--- returns: {1 if the entry was pending and is now acknowledged else 0, 1 if it was deleted else 0}
+-- ARGV[2]: n, how many dead-letter field and value items follow (0: no dead letter)
+-- ARGV[3...2+n]: field, value pairs added to KEYS[2] as one entry before anything else
+-- ARGV[3+n...]: the entry ids to acknowledge (a few thousand at most)
+-- returns: {how many ids were pending and are now acknowledged, how many entries were deleted}
 
-local stream, group, id = KEYS[1], ARGV[1], ARGV[2]
-
-if #ARGV > 2 then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+local stream, group = KEYS[1], ARGV[1]
+local n = tonumber(ARGV[2])
+if n > 0 then
+    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3, 2 + n))
 end
-local acked = redis.call('XACK', stream, group, id)
-if acked == 0 and redis.call('EXISTS', stream) == 0 then
-    return {0, 0}
+
+local acked, ids, ours = 0, {}, {}
+for i = 3 + n, #ARGV do
+    local one = redis.call('XACK', stream, group, ARGV[i])
+    acked = acked + one
+    ids[#ids + 1] = ARGV[i]
+    ours[#ids] = one == 1
+end
+if #ids == 0 or redis.call('EXISTS', stream) == 0 then
+    return {acked, 0}
 end
 
 -- Whole decimal numbers as Redis writes them (no sign, no leading zeros) compare by length first.
@@ -43,16 +52,35 @@ local function id_le(a, b)
     return number_le(a_seq, b_seq)
 end
 
+local groups = {}
 for _, group_info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local info = {}
     for i = 1, #group_info, 2 do
         info[group_info[i]] = group_info[i + 1]
     end
-    if not id_le(id, info['last-delivered-id']) then
-        return {acked, 0}
+    groups[#groups + 1] = info
+end
+
+-- An entry may go once every group has delivered it and none still holds it. The acknowledging
+-- group is done with an entry its XACK just took from its pending list.
+local deletable = {}
+for i, id in ipairs(ids) do
+    local done = true
+    for _, info in ipairs(groups) do
+        if not (ours[i] and info['name'] == group) then
+            if not id_le(id, info['last-delivered-id'])
+                or (info['pending'] > 0
+                    and #redis.call('XPENDING', stream, info['name'], id, id, 1) > 0) then
+                done = false
+                break
+            end
+        end
     end
-    if info['pending'] > 0 and #redis.call('XPENDING', stream, info['name'], id, id, 1) > 0 then
-        return {acked, 0}
+    if done then
+        deletable[#deletable + 1] = id
     end
 end
-return {acked, redis.call('XDEL', stream, id)}
+if #deletable == 0 then
+    return {acked, 0}
+end
+return {acked, redis.call('XDEL', stream, unpack(deletable))}

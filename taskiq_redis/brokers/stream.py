@@ -1,21 +1,32 @@
 """The stream broker: at-least-once delivery over a Redis stream and a consumer group.
 
 ``kick`` appends the message to the stream ``queue_name`` (one XADD, field ``data``). A worker
-is one consumer of the group ``consumer_group_name``: it reads with XREADGROUP and acknowledges
-with one script that also deletes the entry once every group of the stream is done with it.
+is one consumer of the group ``consumer_group_name``: it reads with XREADGROUP, hands taskiq the
+``data`` bytes exactly as kicked, and acknowledges with one script that also deletes the entry
+once every group of the stream is done with it.
+
+How many tasks run at once is taskiq's business (``--max-async-tasks``): its receiver pulls a
+message from ``listen()`` only when it has room. ``xread_count`` is the COUNT of one read and
+bounds only what was read and not yet handed over; a new read starts when that is used up.
 
 What a consumer read and has not acknowledged stays in the group's pending list, so nothing is
 lost when a worker dies; three scripts keep those entries moving:
 
-- ``stream_reclaim`` (every second at most, also when the queue is idle): entries idle longer
+- ``stream_reclaim`` (every second at most, when taskiq asks for messages): entries idle longer
   than ``idle_timeout`` ms are claimed by this consumer. Their consumer died, or let them go.
-- ``stream_renew`` (every ``idle_timeout / 3``): while this consumer works on entries it resets
-  their idle time, so a task that runs longer than ``idle_timeout`` is not run a second time
-  elsewhere; it never takes back an entry another consumer reclaimed meanwhile. On a clean stop
-  the same script releases what this consumer still holds (idle time set huge), so the next
-  reclaim by any consumer takes it at once instead of after ``idle_timeout``.
-- ``stream_ack``: acknowledge, optionally after copying the entry to the dead-letter stream
-  ``{queue}:dead`` (too many deliveries, no ``data`` field, data taskiq cannot parse).
+- ``stream_renew`` (every ``idle_timeout / 3``, in a background task): the entries this consumer
+  holds get their idle time reset, so a task that runs longer than ``idle_timeout`` is not run a
+  second time elsewhere; it never takes back an entry another consumer reclaimed meanwhile. On a
+  clean stop the same script releases what this consumer still holds (idle time set huge), so
+  the next reclaim by any consumer takes it at once instead of after ``idle_timeout``.
+- ``stream_ack``: acknowledge, many entries per call (acks that arrive while one call is under
+  way go together in the next), or one entry copied first to the dead-letter stream
+  ``{queue}:dead`` (too many deliveries, no ``data`` field).
+
+taskiq skips the ack when a middleware or a dependency cleanup raises. The ``ack`` handed out
+with each message is a :class:`_Ack`; when taskiq lets go of the message without calling it, the
+object is collected and the entry is no longer renewed, so any consumer takes it again
+``idle_timeout`` later. A task that is still running keeps its message, so it keeps its claim.
 
 All Redis traffic of ``listen()`` runs in tasks of their own that a stop never cancels, because
 a cancelled read could lose a reply holding messages (they would wait out ``idle_timeout``), and
@@ -26,21 +37,25 @@ cancellation: taskiq-redis 1.2's stream worker then never stops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection, delays, keys, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis.diagnostics import describe
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT
 
 logger = logging.getLogger("taskiq.redis_broker")
 
@@ -55,8 +70,13 @@ REDIS_PY_SOCKET_TIMEOUT = 5.0
 # The idle time that releases an entry: over 31 years, yet below the server clock in ms
 # (Redis ignores an IDLE that would date the delivery before 1970).
 RELEASE_IDLE_MS = 10**12
-# The most ids one renewal call carries, so no script call runs long.
+# The most ids one renewal or ack call carries, so no script call runs long.
 RENEW_BATCH = 1000
+ACK_BATCH = 1000
+# XAUTOCLAIM calls per reclaim script call: each scans up to ten times what is still wanted.
+RECLAIM_SCANS = 10
+# Attempts of one ack call on connection errors before it is given up (and comes back later).
+ACK_ATTEMPTS = 4
 
 _Key = tuple[str, str]  # (stream, entry id)
 
@@ -97,13 +117,18 @@ def _by_stream(reply: Any) -> Iterable[tuple[Any, list[Any]]]:
     return [(stream, entries) for stream, entries in reply]
 
 
+def _no_group(error: BaseException) -> bool:
+    return isinstance(error, ResponseError) and str(error).startswith("NOGROUP")
+
+
 @dataclass(slots=True)
 class _Delivery:
     """An entry this consumer holds: read, not yet acknowledged."""
 
     deliveries: int
-    handed: bool = False  # yielded to taskiq; False: only buffered here
-    lost: bool = False  # another consumer reclaimed it: stop renewing
+    handed: float = 0.0  # when it was yielded to taskiq (monotonic); 0: only buffered here
+    acking: bool = False  # its ack was called
+    dropped: bool = False  # taskiq let go of it without an ack: stop renewing
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,6 +137,39 @@ class _Entry:
     entry_id: str
     deliveries: int
     fields: dict[bytes, bytes]
+
+
+class _Ack:
+    """The ``ack`` of one handed message; being collected unacknowledged means taskiq dropped it.
+
+    ``__del__`` may run in any thread (a garbage collection triggered there), so it only sets a
+    flag; the renewal loop acts on it.
+    """
+
+    __slots__ = ("_broker", "_delivery", "_entry_id", "_stream")
+
+    def __init__(
+        self, broker: BaseStreamBroker, stream: str, entry_id: str, delivery: _Delivery
+    ) -> None:
+        self._broker = broker
+        self._stream = stream
+        self._entry_id = entry_id
+        self._delivery = delivery
+
+    def __call__(self) -> Awaitable[None]:
+        delivery = self._delivery
+        if delivery.acking:
+            return _done()
+        delivery.acking = True
+        return self._broker._ack(self._stream, self._entry_id, delivery)
+
+    def __del__(self) -> None:
+        if not self._delivery.acking:
+            self._delivery.dropped = True
+
+
+async def _done() -> None:
+    return None
 
 
 class BaseStreamBroker(BaseRedisBroker):
@@ -182,13 +240,15 @@ class BaseStreamBroker(BaseRedisBroker):
         self._scripts = {name: scripts.get(name) for name in (ACK, RECLAIM, RENEW)}
 
         self._held: dict[_Key, _Delivery] = {}
-        self._reserved = 0  # entries that reads and reclaims in flight may still add
-        self._room = asyncio.Event()
+        self._ready: deque[_Entry] = deque()  # read or reclaimed, not yet handed to taskiq
         self._io: set[asyncio.Task[Any]] = set()
         self._reads: dict[tuple[str, ...], asyncio.Task[list[_Entry]]] = {}
         self._cursors = dict.fromkeys(self._streams, "0-0")
         self._next_reclaim = 0.0
         self._renewer: asyncio.Task[None] | None = None
+        self._acks: dict[str, list[tuple[str, _Delivery, asyncio.Future[None]]]] = {}
+        self._acker: asyncio.Task[None] | None = None
+        self._collected_at = 0.0
         self._closing = False
         trim = None if self.maxlen is None else (self.maxlen, approximate)
         self._mover = delays.Mover(conn, {s: [s] for s in self._streams}, "stream", trim)
@@ -197,19 +257,49 @@ class BaseStreamBroker(BaseRedisBroker):
         """Load the scripts and create the consumer group on every stream read."""
         await super().startup()
         await scripts.load(self._conn, self._scripts.values())
-        await self._create_groups()
-
-    async def _create_groups(self) -> None:
-        """XGROUP CREATE on each stream; a group that exists already is fine."""
-        mkstream = ("MKSTREAM",) if self.mkstream else ()
         for stream, start in self._start_ids.items():
-            try:
-                await self._conn.execute(
-                    "XGROUP", "CREATE", stream, self.consumer_group_name, start, *mkstream
+            await self._create_group(stream, start)
+
+    async def _create_group(self, stream: str, start: str) -> None:
+        """XGROUP CREATE; a group that exists already is fine."""
+        mkstream = ("MKSTREAM",) if self.mkstream else ()
+        try:
+            await self._conn.execute(
+                "XGROUP", "CREATE", stream, self.consumer_group_name, start, *mkstream
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                logger.warning(
+                    "Cannot create group %r on stream %r: %s",
+                    self.consumer_group_name,
+                    stream,
+                    describe(exc),
                 )
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    logger.warning("Cannot create group on stream %r: %s", stream, exc)
+
+    async def _recreate_group(self, streams: Iterable[str]) -> None:
+        """Create again the group the server lost (NOGROUP), from the stream's start.
+
+        The group is gone because the stream was deleted or recreated empty (a restart without
+        data, a new primary) or the group was destroyed. Starting it at ``$`` would skip every
+        entry added since then, so it starts at ``0``: nothing kicked after the loss is lost,
+        and entries that were in the stream before it (only those no group had finished with)
+        are delivered again: at-least-once.
+        """
+        for stream in streams:
+            logger.warning(
+                "Consumer group %r of stream %r is gone; creating it again from the start",
+                self.consumer_group_name,
+                stream,
+            )
+            try:
+                await self._create_group(stream, "0")
+            except Exception as exc:  # the next NOGROUP tries again
+                logger.warning(
+                    "Cannot create group %r on stream %r: %s",
+                    self.consumer_group_name,
+                    stream,
+                    describe(exc),
+                )
 
     async def kick(self, message: BrokerMessage) -> None:
         """Append the message to its stream: one XADD (trimmed to ``maxlen`` if set).
@@ -223,107 +313,100 @@ class BaseStreamBroker(BaseRedisBroker):
         )
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        """Yield messages of every stream read, each with its ack; never raises Redis errors.
+        """Yield the messages of every stream read, each with its ack; never raises.
 
-        Connection errors, a lost consumer group (recreated) and the like are logged and
-        retried with a capped backoff, because an exception here would stop the worker.
+        Whatever goes wrong with Redis (connection errors, failovers, cluster errors, a lost
+        consumer group, which is created again) is logged and retried with a capped backoff,
+        because an exception here would stop the worker.
         """
-        if self._renewer is None:
-            self._renewer = asyncio.ensure_future(self._keep_claims())
         self._mover.start()
-        ready: deque[_Entry] = deque()
         backoff = connection.Backoff()
-        group_lost = False
         while True:
-            while ready:
-                entry = ready.popleft()
+            self._keep_renewing()
+            while self._ready:
+                entry = self._ready.popleft()
+                delivery = self._held.get((entry.stream, entry.entry_id))
+                if delivery is None:  # another consumer reclaimed it meanwhile
+                    continue
                 problem = self._problem(entry)
                 if problem is None:
-                    self._held[entry.stream, entry.entry_id].handed = True
+                    delivery.handed = time.monotonic()
                     yield AckableMessage(
                         data=entry.fields[DATA],
-                        ack=partial(self._ack, entry.stream, entry.entry_id),
+                        ack=_Ack(self, entry.stream, entry.entry_id, delivery),
                     )
-                    continue
-                try:
-                    await self._await(self._dead_letter(entry, problem))
-                except (RedisError, OSError) as exc:  # it is no longer held: it comes back
-                    logger.warning("Dead-lettering entry %s failed: %r", entry.entry_id, exc)
+                else:
+                    self._spawn(self._dead_letter(entry, delivery, problem))
             try:
-                if group_lost:
-                    await self._await(self._create_groups())
-                ready.extend(await self._fetch())
-            except (RedisError, OSError) as exc:
-                logger.warning("Reading streams %s failed; retrying: %r", self._streams, exc)
-                group_lost = "NOGROUP" in str(exc)
+                self._ready.extend(await self._fetch())
+            except Exception as exc:  # redis-py raises more than RedisError
+                logger.warning(
+                    "Reading streams %s failed; retrying: %s", self._streams, describe(exc)
+                )
                 await backoff.wait()
             else:
-                group_lost = False
                 backoff.reset()
+
+    def _keep_renewing(self) -> None:
+        """Start the renewal task, and again should it ever have ended."""
+        if self._renewer is None or self._renewer.done():
+            if self._renewer is not None:
+                logger.error("Renewing claims had stopped; starting it again")
+            self._renewer = asyncio.ensure_future(self._keep_claims())
 
     async def _fetch(self) -> list[_Entry]:
         """The next entries to yield: reclaimed ones when a scan is due, else new ones."""
-        while self.count is not None and len(self._held) >= self.count:
-            self._room.clear()
-            await self._room.wait()
         if time.monotonic() >= self._next_reclaim:
             entries = await self._reclaim()
             if entries:
                 return entries
         return await self._read()
 
-    def _budget(self) -> int | None:
-        """How many more entries this consumer may take now (None: no limit)."""
-        if self.count is None:
-            return None
-        return self.count - len(self._held) - self._reserved
-
-    def _spawn(self, work: Awaitable[Any], reserve: int = 0) -> asyncio.Task[Any]:
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run Redis work in a task of its own that a stop does not cancel (see module doc)."""
         task = asyncio.ensure_future(work)
-        self._reserved += reserve
         self._io.add(task)
 
         def settled(_: asyncio.Task[Any]) -> None:
-            self._reserved -= reserve
             self._io.discard(task)
+            if not task.cancelled():
+                task.exception()  # whoever awaits it sees it; nobody else must be told
 
         task.add_done_callback(settled)
         return task
 
-    async def _await(self, work: Awaitable[Any], reserve: int = 0) -> Any:
-        task = self._spawn(work, reserve)
+    async def _await(self, work: Awaitable[Any]) -> Any:
+        task = self._spawn(work)
         await asyncio.wait({task})
         return task.result()
 
     async def _read(self) -> list[_Entry]:
         """Start a read for each stream group that has none, and take the first answer."""
         for streams in self._read_groups:
-            if streams in self._reads:
-                continue
-            budget = self._budget()
-            if budget is not None and budget < 1:
-                break
-            count = budget if budget is None else max(1, budget // len(self._read_groups))
-            self._reads[streams] = self._spawn(self._read_group(streams, count), count or 0)
-        if not self._reads:  # the whole budget is held: wait for an ack
-            self._room.clear()
-            await self._room.wait()
-            return []
+            if streams not in self._reads:
+                count = self.count
+                if count is not None:
+                    count = max(1, count // len(self._read_groups))
+                self._reads[streams] = self._spawn(self._read_group(streams, count))
         await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
         entries: list[_Entry] = []
         failure: BaseException | None = None
         for streams, task in list(self._reads.items()):
             if task.done():
                 del self._reads[streams]
-                if task.exception() is None:
+                error = task.exception()
+                if error is None:
                     entries += task.result()
                 else:
-                    failure = task.exception()
+                    failure = error
+                    if _no_group(error):
+                        await self._await(self._recreate_group(streams))
         if failure is not None and not entries:
             raise failure
         if failure is not None:
-            logger.warning("Reading streams %s failed; retrying: %r", self._streams, failure)
+            logger.warning(
+                "Reading streams %s failed; retrying: %s", self._streams, describe(failure)
+            )
         return entries
 
     async def _read_group(self, streams: tuple[str, ...], count: int | None) -> list[_Entry]:
@@ -343,22 +426,27 @@ class BaseStreamBroker(BaseRedisBroker):
         return self._hold(entries)
 
     async def _reclaim(self) -> list[_Entry]:
-        """Claim entries idle longer than ``idle_timeout`` from each stream, within budget."""
+        """Claim entries idle longer than ``idle_timeout``, each stream on its own."""
         self._next_reclaim = time.monotonic() + self._reclaim_every
         entries: list[_Entry] = []
         for stream in self._streams:
-            budget = self._budget()
-            count = self.unacknowledged_batch_size if budget is None else budget
-            count = min(count, self.unacknowledged_batch_size)
-            if count < 1:
-                break
-            claimed = await self._await(self._reclaim_stream(stream, count), count)
-            if len(claimed) == count:
+            try:
+                claimed = await self._await(self._reclaim_stream(stream))
+            except Exception as exc:  # reading goes on; next scan retries
+                logger.warning(
+                    "Reclaiming idle entries of stream %r failed; retrying: %s",
+                    stream,
+                    describe(exc),
+                )
+                if _no_group(exc):
+                    await self._await(self._recreate_group([stream]))
+                continue
+            if len(claimed) >= self.unacknowledged_batch_size:
                 self._next_reclaim = 0.0  # a full batch: more may be waiting
             entries += claimed
         return entries
 
-    async def _reclaim_stream(self, stream: str, count: int) -> list[_Entry]:
+    async def _reclaim_stream(self, stream: str) -> list[_Entry]:
         cursor, claimed = await scripts.run(
             self._conn,
             self._scripts[RECLAIM],
@@ -368,7 +456,8 @@ class BaseStreamBroker(BaseRedisBroker):
                 self.consumer_name,
                 self.idle_timeout,
                 self._cursors[stream],
-                count,
+                self.unacknowledged_batch_size,
+                RECLAIM_SCANS,
             ],
         )
         self._cursors[stream] = _text(cursor)
@@ -385,105 +474,200 @@ class BaseStreamBroker(BaseRedisBroker):
             self._held[entry.stream, entry.entry_id] = _Delivery(entry.deliveries)
         return entries
 
-    def _forget(self, stream: str, entry_id: str) -> None:
-        self._held.pop((stream, entry_id), None)
-        self._room.set()
+    def _forget(self, stream: str, entry_id: str, delivery: _Delivery) -> None:
+        """No longer hold an entry, unless it was delivered to this consumer again since."""
+        if self._held.get((stream, entry_id)) is delivery:
+            del self._held[stream, entry_id]
 
     def _problem(self, entry: _Entry) -> str | None:
-        """Why an entry goes to the dead-letter stream instead of to a task, if it does."""
+        """Why an entry goes to the dead-letter stream instead of to taskiq, if it does.
+
+        Only what the transport decides: whether the data is a taskiq message is taskiq's
+        receiver's business (it logs and acknowledges what it cannot parse).
+        """
         if self.max_deliveries is not None and entry.deliveries > self.max_deliveries:
             return f"delivered {entry.deliveries} times, max_deliveries is {self.max_deliveries}"
-        data = entry.fields.get(DATA)
-        if data is None:
+        if DATA not in entry.fields:
             return "the entry has no data field"
-        try:
-            self.formatter.loads(data)
-        except Exception as exc:  # whatever the formatter raises, the message is unusable
-            return f"the data is not a taskiq message: {exc!r}"[:1000]
         return None
 
-    async def _dead_letter(self, entry: _Entry, reason: str) -> None:
+    async def _dead_letter(self, entry: _Entry, delivery: _Delivery, reason: str) -> None:
+        """Copy the entry to the dead-letter stream and acknowledge it, in one script call."""
+        dead_key = keys.dead_letter_key(entry.stream)
         logger.error(
-            "Entry %s of stream %r goes to %r: %s",
-            entry.entry_id,
-            entry.stream,
-            keys.dead_letter_key(entry.stream),
-            reason,
+            "Entry %s of stream %r goes to %r: %s", entry.entry_id, entry.stream, dead_key, reason
         )
-        about = {
+        about: dict[bytes, EncodableT] = {
             b"reason": reason,
             b"stream": entry.stream,
             b"id": entry.entry_id,
             b"deliveries": entry.deliveries,
             b"group": self.consumer_group_name,
         }
-        fields = [item for pair in {**entry.fields, **about}.items() for item in pair]
-        await self._ack(entry.stream, entry.entry_id, fields)
-
-    async def _ack(self, stream: str, entry_id: str, dead_letter: Iterable[Any] = ()) -> None:
-        """Acknowledge one entry (one script call); it is no longer held whatever happens.
-
-        A connection error is retried once: a pooled connection that died with a restarted
-        server fails its first command, and acknowledging twice is harmless.
-        """
-        run = partial(
-            scripts.run,
-            self._conn,
-            self._scripts[ACK],
-            [stream, keys.dead_letter_key(stream)],
-            [self.consumer_group_name, entry_id, *dead_letter],
-        )
+        fields: list[EncodableT] = [
+            item for pair in {**entry.fields, **about}.items() for item in pair
+        ]
         try:
-            try:
-                await run()
-            except connection.TRANSIENT_ERRORS:
-                await run()
+            await scripts.run(
+                self._conn,
+                self._scripts[ACK],
+                [entry.stream, dead_key],
+                [self.consumer_group_name, len(fields), *fields, entry.entry_id],
+            )
+        except Exception as exc:  # it is no longer renewed: it comes back
+            logger.warning(
+                "Dead-lettering entry %s of stream %r failed: %s",
+                entry.entry_id,
+                entry.stream,
+                describe(exc),
+            )
         finally:
-            self._forget(stream, entry_id)
+            self._forget(entry.stream, entry.entry_id, delivery)
+
+    def _ack(self, stream: str, entry_id: str, delivery: _Delivery) -> asyncio.Future[None]:
+        """Acknowledge one entry; acks that gather meanwhile go together in one script call.
+
+        The future never fails: an ack that cannot be made is logged, and the entry, no longer
+        renewed, is delivered again after ``idle_timeout`` (at-least-once).
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.setdefault(stream, []).append((entry_id, delivery, done))
+        if self._acker is None or self._acker.done():
+            self._acker = self._spawn(self._send_acks())
+        return done
+
+    async def _send_acks(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks, {}
+            await asyncio.gather(
+                *(
+                    self._ack_stream(stream, items[start : start + ACK_BATCH])
+                    for stream, items in batch.items()
+                    for start in range(0, len(items), ACK_BATCH)
+                )
+            )
+
+    async def _ack_stream(
+        self, stream: str, items: list[tuple[str, _Delivery, asyncio.Future[None]]]
+    ) -> None:
+        """One ``stream_ack`` call, retried on connection errors (acking twice is harmless)."""
+        args: list[EncodableT] = [self.consumer_group_name, 0, *(entry for entry, _, _ in items)]
+        backoff = connection.Backoff(first=0.1, cap=1.0)
+        for attempt in range(1, ACK_ATTEMPTS + 1):
+            try:
+                await scripts.run(
+                    self._conn, self._scripts[ACK], [stream, keys.dead_letter_key(stream)], args
+                )
+                break
+            except Exception as exc:  # whatever it is, the entries come back
+                if attempt == ACK_ATTEMPTS or not isinstance(exc, connection.TRANSIENT_ERRORS):
+                    logger.error(
+                        "Acknowledging %d entries of stream %r failed; they are delivered "
+                        "again after idle_timeout: %s",
+                        len(items),
+                        stream,
+                        describe(exc),
+                    )
+                    break
+                await backoff.wait()
+        for entry_id, delivery, done in items:
+            self._forget(stream, entry_id, delivery)
+            if not done.done():
+                done.set_result(None)
 
     async def _keep_claims(self) -> None:
-        """Renew the claim on every held entry, well within ``idle_timeout``."""
-        while not self._closing:
-            await asyncio.sleep(self._renew_every)
-            held = [(key, "") for key, delivery in self._held.items() if not delivery.lost]
-            try:
-                await self._set_idle(0, held)
-            except (RedisError, OSError) as exc:
-                logger.warning("Renewing claims failed; retrying: %r", exc)
+        """Renew the claim on every held entry, well within ``idle_timeout``; never ends.
 
-    async def _set_idle(self, idle_ms: int, items: list[tuple[_Key, str]]) -> None:
-        """Run ``stream_renew`` on held entries, by stream and in bounded batches."""
+        Each stream is renewed on its own, so one that fails does not stop the others; a
+        failure is retried sooner, with backoff, but never later than the usual period.
+        """
+        backoff = connection.Backoff(cap=self._renew_every)
+        failed = False
+        while not self._closing:
+            if failed:
+                await backoff.wait()
+            else:
+                backoff.reset()
+                await asyncio.sleep(self._renew_every)
+            failed = False
+            try:
+                by_stream = self._to_renew()
+            except Exception as exc:  # a bug here must not end renewal
+                logger.error("Renewing claims failed; retrying: %s", describe(exc))
+                failed = True
+                continue
+            for stream, ids in by_stream.items():
+                try:
+                    await self._set_idle(stream, 0, [(entry_id, "") for entry_id in ids])
+                except Exception as exc:  # renewal must outlive any error
+                    failed = True
+                    logger.warning(
+                        "Renewing claims on stream %r failed; retrying: %s",
+                        stream,
+                        describe(exc),
+                    )
+                    if _no_group(exc):
+                        await self._recreate_group([stream])
+
+    def _to_renew(self) -> dict[str, list[str]]:
+        """Held entries by stream, after forgetting those taskiq dropped without an ack.
+
+        When a message handed over a renewal period ago is still held, a garbage collection
+        runs first (at most once a period): a message taskiq dropped inside a reference cycle
+        (an exception's traceback) is only collected then.
+        """
+        now = time.monotonic()
+        if now - self._collected_at >= self._renew_every and any(
+            0 < delivery.handed < now - self._renew_every for delivery in self._held.values()
+        ):
+            self._collected_at = now
+            gc.collect()
         by_stream: dict[str, list[str]] = {}
-        for (stream, entry_id), deliveries in items:
-            by_stream.setdefault(stream, []).extend((entry_id, deliveries))
-        for stream, args in by_stream.items():
-            for start in range(0, len(args), 2 * RENEW_BATCH):
-                lost = await scripts.run(
-                    self._conn,
-                    self._scripts[RENEW],
-                    [stream],
-                    [
-                        self.consumer_group_name,
-                        self.consumer_name,
-                        idle_ms,
-                        *args[start : start + 2 * RENEW_BATCH],
-                    ],
+        for (stream, entry_id), delivery in list(self._held.items()):
+            if delivery.dropped:
+                del self._held[stream, entry_id]
+                logger.warning(
+                    "taskiq dropped entry %s of stream %r without acknowledging it (a "
+                    "middleware or a dependency raised?); it is delivered again after "
+                    "idle_timeout",
+                    entry_id,
+                    stream,
                 )
-                for entry_id in map(_text, lost):
-                    if (delivery := self._held.get((stream, entry_id))) is not None:
-                        delivery.lost = True
-                        logger.warning(
-                            "Entry %s of stream %r was reclaimed by another consumer "
-                            "while this one held it",
-                            entry_id,
-                            stream,
-                        )
+            else:
+                by_stream.setdefault(stream, []).append(entry_id)
+        return by_stream
+
+    async def _set_idle(self, stream: str, idle_ms: int, items: list[tuple[str, str]]) -> None:
+        """Run ``stream_renew`` on held entries of one stream, in bounded batches."""
+        args = [item for pair in items for item in pair]
+        for start in range(0, len(args), 2 * RENEW_BATCH):
+            lost = await scripts.run(
+                self._conn,
+                self._scripts[RENEW],
+                [stream],
+                [
+                    self.consumer_group_name,
+                    self.consumer_name,
+                    idle_ms,
+                    *args[start : start + 2 * RENEW_BATCH],
+                ],
+            )
+            if idle_ms == RELEASE_IDLE_MS:
+                continue
+            for entry_id in map(_text, lost):
+                if self._held.pop((stream, entry_id), None) is not None:
+                    logger.warning(
+                        "Entry %s of stream %r was reclaimed by another consumer "
+                        "while this one held it",
+                        entry_id,
+                        stream,
+                    )
 
     async def shutdown(self) -> None:
         """Stop renewing, release every held entry to the other consumers, close.
 
-        Reads still in flight are awaited (at most about a second) so that what they took is
-        released too. An entry never handed to taskiq gets its delivery count back.
+        Reads and acks still in flight are awaited (at most about a second) so that what reads
+        took is released too. An entry never handed to taskiq gets its delivery count back.
         """
         self._closing = True
         if self._renewer is not None:
@@ -492,22 +676,25 @@ class BaseStreamBroker(BaseRedisBroker):
         pending = self._io | ({self._renewer} if self._renewer else set())
         if pending:
             await asyncio.wait(pending, timeout=MAX_BLOCK_SECONDS + 2)
-        held = [
-            (key, "" if delivery.handed else str(delivery.deliveries - 1))
-            for key, delivery in self._held.items()
-            if not delivery.lost
-        ]
-        try:
-            await self._set_idle(RELEASE_IDLE_MS, held)
-        except (RedisError, OSError) as exc:
-            logger.error(
-                "Could not release %d held entries; they return after idle_timeout: %r",
-                len(held),
-                exc,
-            )
-        else:
-            if held:
-                logger.info("Released %d held entries to other consumers", len(held))
+        by_stream: dict[str, list[tuple[str, str]]] = {}
+        for (stream, entry_id), delivery in self._held.items():
+            count = "" if delivery.handed else str(delivery.deliveries - 1)
+            by_stream.setdefault(stream, []).append((entry_id, count))
+        for stream, items in by_stream.items():
+            try:
+                await self._set_idle(stream, RELEASE_IDLE_MS, items)
+            except Exception as exc:  # stopping goes on whatever happens
+                logger.error(
+                    "Could not release %d held entries of stream %r; they return after "
+                    "idle_timeout: %s",
+                    len(items),
+                    stream,
+                    describe(exc),
+                )
+            else:
+                logger.info("Released %d held entries of stream %r", len(items), stream)
+        self._held.clear()
+        self._ready.clear()
         await super().shutdown()
 
 
