@@ -478,3 +478,32 @@ def test_single_node_class_keeps_the_positional_signature_of_1_2() -> None:
     )
     assert (broker.approximate, broker.idle_timeout) == (False, 900)
     assert broker.connection_pool.max_connections == 5
+
+
+async def test_a_redis_error_is_logged_with_its_message_and_listening_goes_on(
+    make_broker: Callable[..., BaseStreamBroker],
+    raw_redis: AsyncRedisClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = make_broker()
+    queue = broker.queue_name
+    await raw_redis.set(queue, "not a stream")
+    await broker.startup()  # cannot create the group: logged, not raised
+    try:
+        stream = broker.listen()
+        waiting = asyncio.ensure_future(receive(stream, 1))
+
+        async def logged() -> bool:
+            return f"Reading streams ('{queue}',) failed; retrying" in caplog.text
+
+        await eventually(logged, "the read error is logged")
+        await raw_redis.delete(queue)
+        kicked = await kick(broker, "once the key is a stream")
+        [message] = await waiting
+        await stream.aclose()
+        assert parsed(broker, message).task_id == kicked
+        wrongtype = "WRONGTYPE Operation against a key holding the wrong kind of value"
+        assert f"failed; retrying: ResponseError: {wrongtype}" in caplog.text
+        assert "server:ResponseError" not in caplog.text
+    finally:
+        await broker.shutdown()

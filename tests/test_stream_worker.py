@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import pytest
@@ -52,6 +52,15 @@ async def until(check: Callable[[], bool], what: str, patience: float = PATIENCE
             pytest.fail(f"never happened: {what}")
         await asyncio.sleep(0.05)
     return time.monotonic() - start
+
+
+async def eventually(read: Callable[[], Awaitable[Any]], wanted: Any, what: str) -> None:
+    """Wait until ``await read()`` equals ``wanted``; fails with ``what`` after patience."""
+    deadline = time.monotonic() + PATIENCE
+    while (got := await read()) != wanted:
+        if time.monotonic() > deadline:
+            pytest.fail(f"never happened: {what} (last seen: {got!r})")
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -105,7 +114,7 @@ async def test_concurrency_is_taskiqs_max_async_tasks(
 
 
 async def test_killed_workers_messages_are_taken_by_a_busy_worker(
-    topology: Topology, producer: BaseStreamBroker
+    topology: Topology, producer: BaseStreamBroker, raw_redis: AsyncRedisClient
 ) -> None:
     idle_ms = 2000
     queue = producer.queue_name
@@ -119,10 +128,10 @@ async def test_killed_workers_messages_are_taken_by_a_busy_worker(
             await asyncio.to_thread(busy.wait_ready)
             for i in range(4):  # busy with xread_count - 1 tasks
                 await kiq(producer, SLEEP, 600, f"b{i}")
-            await until(
-                lambda: len(tags(dying, STARTED)) + len(tags(busy, STARTED)) == 24,
-                "the second worker is busy",
-            )
+            # taskiq 0.12's receiver reads one message ahead even when full: the dying worker
+            # may hold one of these, so the busy one may run three until it takes that one back.
+            await until(lambda: len(tags(busy, STARTED)) >= 3, "the second worker is busy")
+            await eventually(lambda: pending(raw_redis, queue), 24, "every message taken")
             dying.kill()
             everything = {f"d{i}" for i in range(20)} | {f"b{i}" for i in range(4)}
             took = await until(lambda: set(tags(busy, STARTED)) == everything, "all reclaimed")
@@ -208,7 +217,6 @@ async def test_script_flush_on_every_node_while_a_worker_kicks_acks_and_renews(
     other = make_stream_broker(idle_timeout=idle_ms)  # would take the long task if renewal died
     runs: Counter[str] = Counter()
 
-    @worker.task(task_name="flush.task")
     async def task(
         tag: str, context: Annotated[Context, TaskiqDepends()], seconds: float = 0
     ) -> None:
@@ -217,10 +225,8 @@ async def test_script_flush_on_every_node_while_a_worker_kicks_acks_and_renews(
         if tag.startswith("short"):  # kicks from inside the worker, while everything goes on
             await kiq(context.broker, "flush.task", f"child {tag}")
 
-    @other.task(task_name="flush.task")
-    async def other_task(tag: str, seconds: float = 0) -> None:
-        runs[tag] += 1
-
+    for broker in (worker, other):
+        broker.register_task(task, task_name="flush.task")
     receivers = [Receiver(broker, max_async_tasks=100) for broker in (worker, other)]
     finish = asyncio.Event()
     listening = [asyncio.ensure_future(receiver.listen(finish)) for receiver in receivers]
@@ -245,6 +251,7 @@ async def test_script_flush_on_every_node_while_a_worker_kicks_acks_and_renews(
     assert await pending(raw_redis, worker.queue_name) == 0
     assert await length(raw_redis, worker.queue_name) == 0
     assert "Acknowledging" not in caplog.text
+    assert "never retrieved" not in caplog.text
 
 
 @pytest.fixture
