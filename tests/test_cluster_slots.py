@@ -70,11 +70,16 @@ async def use_every_script(url: str, unique: str) -> None:
     await asyncio.wait_for(anext(lists.listen()), 10)
     await lists.shutdown()
 
-    stream = RedisStreamClusterBroker(url, queue_name=f"s{unique}", idle_timeout=300)
+    # xread_count=1: the first read is full, so the second runs the stream_read script.
+    stream = RedisStreamClusterBroker(url, queue_name=f"s{unique}", idle_timeout=300, xread_count=1)
     await stream.startup()
+    await kick(stream)
     await kick(stream)
     await kick(stream, delay=0.2)
     listener = stream.listen()
+    for _ in range(2):
+        first = await asyncio.wait_for(anext(listener), 10)
+        await first.ack()  # type: ignore[misc]
     received = await asyncio.wait_for(anext(listener), 10)
     await asyncio.sleep(1.5)  # held past idle_timeout/3 (renew) and a reclaim period
     await received.ack()  # type: ignore[misc]

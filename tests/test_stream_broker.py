@@ -507,3 +507,28 @@ async def test_a_redis_error_is_logged_with_its_message_and_listening_goes_on(
         assert "server:ResponseError" not in caplog.text
     finally:
         await broker.shutdown()
+
+
+async def test_reads_of_a_busy_queue_hand_over_the_same(
+    make_broker: Callable[..., BaseStreamBroker], raw_redis: AsyncRedisClient
+) -> None:
+    # A full read makes the next one the stream_read script: the same entries must come out.
+    broker = make_broker(xread_count=2)
+    await broker.startup()
+    queue = broker.queue_name
+    try:
+        sent = [await kick(broker, i) for i in range(3)]
+        await raw_redis.execute_command("XADD", queue, "*", "other", "no data field")
+        await raw_redis.execute_command("XADD", queue, "*", "data", b"plain", "more", "x")
+        sent.append(await kick(broker, 3))
+        stream = broker.listen()
+        messages = await receive(stream, 5)
+        await stream.aclose()
+        datas = [m.data for m in messages]
+        assert datas[3] == b"plain"  # the entry without data is not handed over
+        assert [parsed(broker, m).task_id for i, m in enumerate(messages) if i != 3] == sent
+        dead = await raw_redis.execute_command("XRANGE", keys.dead_letter_key(queue), "-", "+")
+        assert [fields[b"other"] for _, fields in dead] == [b"no data field"]
+        assert await pending(raw_redis, queue) == 0
+    finally:
+        await broker.shutdown()
