@@ -182,17 +182,6 @@ async def _done() -> None:
     return None
 
 
-def _message(data: bytes | None, ack: _Ack) -> AckableMessage:
-    """An AckableMessage without pydantic's validation: its fields are known to be right."""
-    return _construct(data=data, ack=ack)
-
-
-# pydantic 2 names it model_construct; taskiq 0.12 also allows pydantic 1 (construct).
-_construct: Callable[..., AckableMessage] = (
-    getattr(AckableMessage, "model_construct", None) or AckableMessage.construct
-)
-
-
 class BaseStreamBroker(BaseRedisBroker):
     """The stream broker; the public classes below only choose how to reach Redis."""
 
@@ -351,11 +340,13 @@ class BaseStreamBroker(BaseRedisBroker):
                 if delivery is None:  # another consumer reclaimed it meanwhile
                     continue
                 problem = self._problem(entry)
-                if problem is None:
+                if problem is None and entry.data is not None:
                     delivery.handed = time.monotonic()
-                    yield _message(entry.data, _Ack(self, entry.stream, entry.entry_id, delivery))
+                    yield AckableMessage(
+                        data=entry.data, ack=_Ack(self, entry.stream, entry.entry_id, delivery)
+                    )
                 else:
-                    self._spawn(self._dead_letter(entry, delivery, problem))
+                    self._spawn(self._dead_letter(entry, delivery, problem or "no data"))
             try:
                 self._ready.extend(await self._fetch())
             except Exception as exc:  # redis-py raises more than RedisError
