@@ -30,6 +30,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/schedules.py
+	$(BIN)/python bench/worker_drain.py
 
 redis-up: install
 	mkdir -p .redis

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -105,11 +106,11 @@ async def measure(kind: str, url: str, n: int, hiredis: bool) -> dict[str, Any]:
         await asyncio.gather(*(kicker.kiq() for _ in range(start, min(n, start + 500))))
     receiver = Receiver(broker, max_async_tasks=100, run_startup=False)
     finish = asyncio.Event()
-    cpu = time.process_time()
+    cpu, sys_cpu = time.process_time(), os.times().system
     listening = asyncio.ensure_future(receiver.listen(finish))
     try:
         await asyncio.wait_for(done.wait(), 300)
-        cpu = time.process_time() - cpu
+        cpu, sys_cpu = time.process_time() - cpu, os.times().system - sys_cpu
     finally:
         finish.set()
         await asyncio.wait([listening], timeout=10)
@@ -120,6 +121,7 @@ async def measure(kind: str, url: str, n: int, hiredis: bool) -> dict[str, Any]:
         "seconds": elapsed,
         "tasks_per_s": (n - 1) / elapsed,
         "cpu_us_per_task": cpu / n * 1e6,  # the worker process's own CPU: steadier than time
+        "sys_us_per_task": sys_cpu / n * 1e6,
         "hiredis": bool(redis.utils.HIREDIS_AVAILABLE) and hiredis,
     }
 
@@ -183,17 +185,32 @@ def main() -> None:
         for key, outcomes in runs.items()
     }
     ceiling = best["ceiling|False"]
-    print(f"\nworker drain: {args.n} queued no-op tasks, one Receiver, best of {args.rounds}")
-    print(f"{'broker':14}{'tasks/s':>10}{'share':>8}{'+hiredis':>10}{'share':>8}")
+    ceilings = [r.get("tasks_per_s") for r in runs["ceiling|False"]]
+
+    def round_share(key: str) -> float | None:
+        """The median over rounds of the share of that round's ceiling: steadier than best."""
+        shares = [
+            r["tasks_per_s"] / top
+            for r, top in zip(runs[key], ceilings, strict=True)
+            if "tasks_per_s" in r and top
+        ]
+        return statistics.median(shares) if shares else None
+
+    print(f"\nworker drain: {args.n} queued no-op tasks, one Receiver, {args.rounds} round(s)")
+    print("tasks/s: best round; share: of the best ceiling / median of each round's share")
+    print(f"{'broker':14}{'tasks/s':>9}{'share':>12}{'+hiredis':>10}{'share':>12}")
     for side, _, kind in SIDES:
         cells = []
         for hiredis in (False, True):
-            figure = best.get(f"{side}|{hiredis}") if kind != "memory" or not hiredis else None
+            key = f"{side}|{hiredis}"
+            figure = best.get(key) if kind != "memory" or not hiredis else None
+            median = round_share(key) if figure is not None else None
             if figure is None:
                 cells += ["-" if kind == "memory" else "error", ""]
             else:
-                cells += [f"{figure:.0f}", f"{figure / ceiling:.0%}" if ceiling else "n/a"]
-        print(f"{side:14}{cells[0]:>10}{cells[1]:>8}{cells[2]:>10}{cells[3]:>8}")
+                share = f"{figure / ceiling:.0%}" if ceiling else "n/a"
+                cells += [f"{figure:.0f}", f"{share} / {median:.0%}" if median else share]
+        print(f"{side:14}{cells[0]:>9}{cells[1]:>12}{cells[2]:>10}{cells[3]:>12}")
     args.json.write_text(json.dumps({"n": args.n, "best": best, "runs": runs}, indent=2))
     errors = {key: r["error"] for key, outcomes in runs.items() for r in outcomes if "error" in r}
     if errors:
