@@ -135,7 +135,8 @@ async def producer(url: str, queue_name: str = "taskiq") -> AsyncIterator[AsyncB
 
 async def add_in_worker(url: str, task_name: str, queue_name: str = "taskiq") -> Any:
     async with producer(url, queue_name) as broker:
-        task = await AsyncKicker(task_name=task_name, broker=broker, labels={}).kiq(20, 22)
+        kicker: AsyncKicker[..., Any] = AsyncKicker(task_name=task_name, broker=broker, labels={})
+        task = await kicker.kiq(20, 22)
         result = await task.wait_result(timeout=30)
     assert not result.is_err, result.error
     return result.return_value

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio.cluster
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError
 
 from taskiq_redis import PubSubBroker, PubSubClusterBroker, PubSubSentinelBroker
-from taskiq_redis.brokers import pubsub
 from taskiq_redis.brokers.pubsub import BasePubSubBroker
 from tests.servers import AsyncRedisClient, RedisServers, Topology
 from tests.test_list_queue_broker import PATIENCE, eventually, idle_worker_exit_seconds, message
@@ -27,7 +27,8 @@ def broker_class(topology: Topology) -> type[BasePubSubBroker]:
 @pytest.fixture(autouse=True)
 def cluster_pubsub_needs_redis_py_8(request: pytest.FixtureRequest) -> None:
     """redis-py 7 has no asyncio cluster pub/sub; test_dropin checks the broker says so."""
-    too_old = pubsub.ClusterPubSub is None and "topology" in request.fixturenames
+    too_old = not hasattr(redis.asyncio.cluster, "ClusterPubSub")
+    too_old = too_old and "topology" in request.fixturenames
     if too_old and request.getfixturevalue("topology").name == "cluster":
         pytest.skip("PubSubClusterBroker needs redis-py 8")
 

@@ -257,7 +257,9 @@ async def test_reading_a_kept_result_is_a_plain_get(
     private_server: RedisServers, keep_results: bool, scripts_run: int
 ) -> None:
     """A script copies the value in and out of Lua while Redis serves nobody else; GET does not."""
-    backend = RedisAsyncResultBackend(private_server.standalone_url, keep_results=keep_results)
+    backend: Backend = RedisAsyncResultBackend(
+        private_server.standalone_url, keep_results=keep_results
+    )
     client = redis.asyncio.Redis.from_url(private_server.standalone_url)
     await backend.startup()
     try:
@@ -281,7 +283,7 @@ async def test_set_result_rides_out_a_5_second_outage(
     redis_servers: RedisServers, unique: str
 ) -> None:
     """taskiq acknowledges the message after set_result: a result given up on is lost for good."""
-    backend = RedisAsyncResultBackend(redis_servers.standalone_url)
+    backend: Backend = RedisAsyncResultBackend(redis_servers.standalone_url)
     await backend.startup()
     try:
         await backend.set_result(f"{unique}-before", a_result(1))
@@ -306,7 +308,7 @@ async def test_set_result_gives_up_with_a_clear_error(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     monkeypatch.setattr(result_backend, "SET_RESULT_PATIENCE_SECONDS", 0.5)
-    backend = RedisAsyncResultBackend(f"redis://127.0.0.1:{port}")
+    backend: Backend = RedisAsyncResultBackend(f"redis://127.0.0.1:{port}")
     try:
         with pytest.raises(result_backend.ResultNotStoredError) as caught:
             await backend.set_result(unique, a_result())

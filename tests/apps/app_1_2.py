@@ -8,7 +8,9 @@ from taskiq_redis.redis_broker import RedisStreamBroker
 from tests.worker_process import worker_config
 
 config = worker_config()
-result_backend = RedisAsyncResultBackend(redis_url=config["url"], result_ex_time=600)
+result_backend: RedisAsyncResultBackend[int] = RedisAsyncResultBackend(
+    redis_url=config["url"], result_ex_time=600
+)
 broker = RedisStreamBroker(url=config["url"], queue_name=config["queue"]).with_result_backend(
     result_backend
 )
