@@ -187,3 +187,31 @@ def test_cluster_pub_sub_says_when_redis_py_is_too_old(redis_servers: RedisServe
     else:
         with pytest.raises(RuntimeError, match=r"needs redis-py 8\.0 or newer.*7\."):
             PubSubClusterBroker(redis_servers.cluster_url)
+
+
+def test_the_servers_are_the_programs_ci_asked_for(redis_servers: RedisServers) -> None:
+    """The Valkey entry of the CI matrix must run Valkey, not quietly Redis again."""
+    import redis
+
+    wanted = {
+        "server": os.environ.get("TASKIQ_REDIS_TEST_SERVER", "redis-server"),
+        "sentinel": os.environ.get("TASKIQ_REDIS_TEST_SENTINEL", "redis-sentinel"),
+    }
+    ports = {
+        "server": [
+            redis.Redis.from_url(url).connection_pool.connection_kwargs["port"]
+            for url in (redis_servers.standalone_url, redis_servers.sentinel_primary_url)
+        ]
+        + list(redis_servers.cluster_ports),
+        "sentinel": [port for _, port in redis_servers.sentinels],
+    }
+    for role, program in wanted.items():
+        family = "valkey" if "valkey" in Path(program).name else "redis"
+        for port in ports[role]:
+            client = redis.Redis(port=port)
+            try:
+                # Valkey says server_name:valkey; Redis 7 has no such field.
+                running = client.info("server").get("server_name", "redis")
+            finally:
+                client.close()
+            assert running == family, f"{role} on port {port} is {running}, {program} was asked"
