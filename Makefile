@@ -36,7 +36,7 @@ lint: install
 # virtualenv of its own. The low end is the oldest of everything pyproject allows, the high end
 # the newest; the Valkey run swaps the server programs the suite starts.
 LOW_PYTHON := 3.10
-LOW_PINS := redis==7.1.0 taskiq==0.12.0
+LOW_PINS := redis==7.2.0 taskiq==0.12.0
 HIGH_PYTHON := 3.13
 HIGH_PINS := redis==8.1.0 taskiq==0.13.0
 # pythonX.Y from PATH, else from pyenv's versions (a pyenv shim fails for a version not selected).
