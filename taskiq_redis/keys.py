@@ -84,6 +84,23 @@ def beside(base: str, suffix: str) -> str:
     )
 
 
+def base_of(key: str, suffix: str) -> str | None:
+    """The base that :func:`beside` turns into ``key`` with ``suffix``, or None if there is none.
+
+    Tools that find derived keys by SCAN (the queue view) use this to tell which key they serve.
+    """
+    if key.endswith(suffix):
+        base = key[: -len(suffix)]
+        wrapped = base[1:-1] if base.startswith("{") and base.endswith("}") else None
+        candidates = [base] if wrapped is None else [wrapped, base]
+    else:
+        numbered = key.rpartition(f"{suffix}~")
+        if not numbered[1] or not numbered[2].isdigit():
+            return None
+        candidates = [numbered[0]]
+    return next((base for base in candidates if beside(base, suffix) == key), None)
+
+
 def result_key(task_id: str, prefix: str | None) -> str:
     """Where a task's result lives: the taskiq-redis 1.2 name, ``task_id`` or ``prefix:task_id``."""
     return task_id if prefix is None else f"{prefix}:{task_id}"

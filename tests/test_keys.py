@@ -48,6 +48,19 @@ def test_derived_key_shares_the_slot_of_its_base(suffix: str) -> None:
         assert derived.startswith(base) or derived.startswith("{" + base + "}"), (base, derived)
 
 
+@pytest.mark.parametrize("suffix", [keys.DEAD_LETTER_SUFFIX, keys.DELAYED_SUFFIX])
+def test_the_base_of_a_derived_key_is_found_again(suffix: str) -> None:
+    """The queue view finds dead-letter and delayed keys by SCAN and names their queue."""
+    for base in [*AWKWARD, "taskiq", "{app}jobs", "q:1"]:
+        found = keys.base_of(keys.beside(base, suffix), suffix)
+        # ``x`` and ``{x}`` share their derived keys (one slot, one name): either is right.
+        assert found is not None, base
+        assert keys.beside(found, suffix) == keys.beside(base, suffix), (base, found)
+        assert found == base or f"{{{found}}}" == base, (base, found)
+    for key in ["taskiq", "plain:dead~x", ":dead~", "other:delayed~12"]:
+        assert keys.base_of(key, suffix) is None, key
+
+
 def test_derived_names_are_the_same_in_every_process() -> None:
     """Two workers must agree on where a progress key is: the name depends on the base alone."""
     keys.beside.cache_clear()
