@@ -59,7 +59,7 @@ def beside(base: str, suffix: str) -> str:
       with the smallest ``n`` whose key hashes to the base's slot. Such ids are rare; the search
       costs a few ms once per process (cached), and every process finds the same ``n``.
 
-    :raises SlotError: no candidate lands in the slot (a ``suffix`` that opens a hash tag).
+    :raises SlotError: no candidate lands in the slot (a ``suffix`` that completes a hash tag).
     """
     if hash_tag(base) is not None:
         return f"{base}{suffix}"
