@@ -1,17 +1,22 @@
 # Every target installs what it needs first, so each works on a fresh machine.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
+# Exact versions to install over what pyproject allows (the test matrix pins both ends).
+PINS ?=
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The stamp names the pins, so changing them reinstalls.
+STAMP := $(VENV)/.installed-$(shell echo '$(PINS)' | cksum | cut -d' ' -f1)
 REDIS_PORT ?= 6379
 
-.PHONY: install run test lint bench redis-up redis-down clean
+.PHONY: install run test lint bench redis-up redis-down clean test-matrix test-low test-high \
+	test-valkey
 
 $(STAMP): pyproject.toml
 	bash tools/ensure-redis.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' $(PINS)
+	$(BIN)/python -m pip list 2>/dev/null | grep -iE '^(redis|taskiq) ' | tr -s ' ' | paste -sd ' '
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +31,34 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict
+
+# The version matrix CI runs (README, "Compatibility"): `make test` once per entry, each in a
+# virtualenv of its own. The low end is the oldest of everything pyproject allows, the high end
+# the newest; the Valkey run swaps the server programs the suite starts.
+LOW_PYTHON := 3.10
+LOW_PINS := redis==7.2.0 taskiq==0.12.0
+HIGH_PYTHON := 3.13
+HIGH_PINS := redis==8.1.0 taskiq==0.13.0
+# pythonX.Y from PATH, else from pyenv's versions (a pyenv shim fails for a version not selected).
+find-python = $(or $(firstword $(foreach candidate,python$(1) \
+	$(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)) \
+	$(wildcard /root/.pyenv/versions/$(1).*/bin/python$(1)),\
+	$(shell $(candidate) -c 'print("$(candidate)")' 2>/dev/null))),\
+	$(error no python$(1) found: install Python $(1), e.g. with pyenv))
+
+test-matrix: test-low test-high test-valkey
+
+test-low:
+	$(MAKE) test VENV=.venv-matrix/low PYTHON=$(call find-python,$(LOW_PYTHON)) PINS='$(LOW_PINS)'
+
+test-high:
+	$(MAKE) test VENV=.venv-matrix/high PYTHON=$(call find-python,$(HIGH_PYTHON)) PINS='$(HIGH_PINS)'
+
+test-valkey:
+	bash tools/ensure-redis.sh valkey
+	TASKIQ_REDIS_TEST_SERVER=valkey-server TASKIQ_REDIS_TEST_SENTINEL=valkey-sentinel \
+		$(MAKE) test VENV=.venv-matrix/high PYTHON=$(call find-python,$(HIGH_PYTHON)) \
+		PINS='$(HIGH_PINS)'
 
 bench: install
 	$(BIN)/python bench/run.py
@@ -42,4 +75,4 @@ redis-down:
 	-test -f .redis/redis.pid && kill $$(cat .redis/redis.pid)
 
 clean:
-	rm -rf $(VENV) .bench dist build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-matrix .bench dist build .mypy_cache .ruff_cache .pytest_cache

@@ -8,6 +8,12 @@ derived here with :func:`beside`, which puts it in the slot of the key it serves
 
 from __future__ import annotations
 
+from binascii import crc_hqx
+from functools import lru_cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
+from redis.crc import key_slot
+
 PROGRESS_SUFFIX = "__progress"
 DEAD_LETTER_SUFFIX = ":dead"
 DELAYED_SUFFIX = ":delayed"
@@ -28,15 +34,71 @@ def hash_tag(key: str) -> str | None:
     return key[start + 1 : end]
 
 
+def slot(key: str) -> int:
+    """The cluster slot of ``key`` (as redis-py encodes a ``str`` key: UTF-8)."""
+    return key_slot(key.encode())
+
+
+# How many numbered candidates beside() tries for a base no hash tag can name. Each lands in one
+# of 16384 slots at random, so the chance that none of them lands in the base's slot is e**-64.
+_SEARCH_LIMIT = 64 * 16384
+
+
+class SlotError(ValueError):
+    """No key derived from a base key lands in the base key's cluster slot."""
+
+
+@lru_cache(maxsize=4096)
 def beside(base: str, suffix: str) -> str:
     """A key derived from ``base`` that is stored in the same cluster slot as ``base``.
 
-    ``{base}suffix`` hashes like ``base`` when ``base`` has no hash tag of its own; a base that
-    has one already decides the slot, so the suffix is simply appended.
+    - ``base`` has a hash tag (``x{y}z``): the tag decides the slot, so the suffix is appended.
+    - ``base`` has none: ``{base}suffix`` hashes ``base`` itself, the whole key Redis hashed.
+    - ``base`` is hashed whole yet cannot be a tag, because it holds a ``}`` (``job}1``,
+      ``a{}b``) or is empty: no hash tag can name it, so the key is ``base`` + ``suffix`` + ``~n``
+      with the smallest ``n`` whose key hashes to the base's slot. Such ids are rare; the search
+      costs a few ms once per process (cached), and every process finds the same ``n``.
+
+    :raises SlotError: no candidate lands in the slot (a ``suffix`` that completes a hash tag).
     """
     if hash_tag(base) is not None:
         return f"{base}{suffix}"
-    return f"{{{base}}}{suffix}"
+    wrapped = f"{{{base}}}{suffix}"
+    if hash_tag(wrapped) == base:
+        return wrapped
+    target = slot(base)
+    stem = f"{base}{suffix}~"
+    if hash_tag(stem) is not None:  # the suffix closes a tag: every candidate hashes that tag
+        raise SlotError(
+            f"no key derived from {base!r} with suffix {suffix!r} lands in its cluster slot"
+            f" {target}: the suffix completes the hash tag {{{hash_tag(stem)}}}"
+        )
+    # The stem has no hash tag and digits add none, so each candidate is hashed whole; CRC16
+    # continues from the stem's, as if over the whole key.
+    stem_crc = crc_hqx(stem.encode(), 0)
+    for number in range(_SEARCH_LIMIT):
+        if crc_hqx(str(number).encode(), stem_crc) % SLOTS == target:
+            return f"{stem}{number}"
+    raise SlotError(  # reached with a chance of e**-64
+        f"no key derived from {base!r} with suffix {suffix!r} lands in its cluster slot {target}"
+    )
+
+
+def base_of(key: str, suffix: str) -> str | None:
+    """The base that :func:`beside` turns into ``key`` with ``suffix``, or None if there is none.
+
+    Tools that find derived keys by SCAN (the queue view) use this to tell which key they serve.
+    """
+    if key.endswith(suffix):
+        base = key[: -len(suffix)]
+        wrapped = base[1:-1] if base.startswith("{") and base.endswith("}") else None
+        candidates = [base] if wrapped is None else [wrapped, base]
+    else:
+        numbered = key.rpartition(f"{suffix}~")
+        if not numbered[1] or not numbered[2].isdigit():
+            return None
+        candidates = [numbered[0]]
+    return next((base for base in candidates if beside(base, suffix) == key), None)
 
 
 def result_key(task_id: str, prefix: str | None) -> str:
@@ -71,11 +133,20 @@ TIME_BUCKET_FORMAT = "%Y-%m-%dT%H:%M"
 def schedule_base(prefix: str, cluster: bool) -> str:
     """Where a schedule source's keys start: ``prefix``, or ``{prefix}`` on a cluster.
 
-    A prefix that already has a hash tag is kept as it is: the user chose its slot.
+    A prefix that already has a hash tag is kept as it is: the user chose its slot. Every key
+    of the source starts with the returned base, so they all share its tag's slot.
+
+    :raises SlotError: on a cluster, a prefix that no hash tag can start with.
     """
-    if cluster and hash_tag(prefix) is None:
-        return f"{{{prefix}}}"
-    return prefix
+    if not cluster or hash_tag(prefix) is not None:
+        return prefix
+    base = f"{{{prefix}}}"
+    if hash_tag(base) is None:
+        raise SlotError(
+            f"schedule prefix {prefix!r} cannot be a cluster hash tag (it is empty or starts with"
+            " '}'), so its keys would land in different slots; choose another prefix"
+        )
+    return base
 
 
 def glob_escape(text: str) -> str:

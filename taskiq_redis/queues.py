@@ -178,10 +178,8 @@ def queue_of_key(key: str) -> str:
     queue named with a tag, e.g. ``{app}jobs``, owns ``{app}jobs:dead``.
     """
     for suffix in _SATELLITES:
-        if key.endswith(suffix):
-            base = key[: -len(suffix)]
-            if base.startswith("{") and base.endswith("}") and keys.hash_tag(base) == base[1:-1]:
-                return base[1:-1]
+        base = keys.base_of(key, suffix)
+        if base is not None:
             return base
     return key
 

@@ -754,7 +754,9 @@ class _SentinelMasterClient(redis.asyncio.Redis):
         await super().aclose(close_connection_pool)
         pool = self.connection_pool
         if isinstance(pool, SentinelConnectionPool):
-            await pool.sentinel_manager.aclose()
+            # Each link, not Sentinel.aclose: that came after redis-py 8.0.0.
+            for link in pool.sentinel_manager.sentinels:
+                await link.aclose()
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio
 from taskiq import TaskiqResult
 from taskiq.depends.progress_tracker import TaskProgress, TaskState
 from taskiq.serializers import JSONSerializer
@@ -16,6 +18,7 @@ from taskiq_redis import (
     RedisAsyncClusterResultBackend,
     RedisAsyncResultBackend,
     RedisAsyncSentinelResultBackend,
+    result_backend,
 )
 from taskiq_redis.exceptions import (
     DuplicateExpireTimeSelectedError,
@@ -24,7 +27,7 @@ from taskiq_redis.exceptions import (
     TaskIQRedisError,
 )
 from taskiq_redis.result_backend import BaseRedisResultBackend
-from tests.servers import AsyncRedisClient, Topology
+from tests.servers import AsyncRedisClient, RedisServers, Topology, start_servers
 
 Backend = BaseRedisResultBackend[Any]
 
@@ -231,3 +234,87 @@ def test_public_attributes_of_taskiq_redis_1_2(
     attribute = topology.pick(single="redis_pool", cluster="redis", sentinel="sentinel")
     assert getattr(backend, attribute) is not None
     assert backend.keep_results is True
+
+
+@pytest.fixture
+def private_server() -> Iterator[RedisServers]:
+    """A standalone server of this test's own, so its command counts are this test's alone."""
+    servers = start_servers(which=["single"])
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+async def command_calls(client: AsyncRedisClient, command: str) -> int:
+    stats = await client.info("commandstats")
+    entry = stats.get(f"cmdstat_{command}", {"calls": 0})
+    return int(entry["calls"])
+
+
+@pytest.mark.parametrize(("keep_results", "scripts_run"), [(True, 0), (False, 10)])
+async def test_reading_a_kept_result_is_a_plain_get(
+    private_server: RedisServers, keep_results: bool, scripts_run: int
+) -> None:
+    """A script copies the value in and out of Lua while Redis serves nobody else; GET does not."""
+    backend: Backend = RedisAsyncResultBackend(
+        private_server.standalone_url, keep_results=keep_results
+    )
+    client = redis.asyncio.Redis.from_url(private_server.standalone_url)
+    await backend.startup()
+    try:
+        for number in range(10):
+            await backend.set_result(f"task-{number}", a_result(number))
+        gets, scripts = await command_calls(client, "get"), await command_calls(client, "evalsha")
+        for number in range(10):
+            assert (await backend.get_result(f"task-{number}")).return_value == number
+        calls = {
+            "get": await command_calls(client, "get") - gets,
+            "evalsha": await command_calls(client, "evalsha") - scripts,
+        }
+        # commandstats counts a script's own GET too: the scripts are what tells the two apart.
+        assert calls == {"get": 10, "evalsha": scripts_run}
+    finally:
+        await client.aclose()
+        await backend.shutdown()
+
+
+async def test_set_result_rides_out_a_5_second_outage(
+    redis_servers: RedisServers, unique: str
+) -> None:
+    """taskiq acknowledges the message after set_result: a result given up on is lost for good."""
+    backend: Backend = RedisAsyncResultBackend(redis_servers.standalone_url)
+    await backend.startup()
+    try:
+        await backend.set_result(f"{unique}-before", a_result(1))
+        await asyncio.to_thread(redis_servers.stop_standalone)
+        try:
+            storing = asyncio.create_task(backend.set_result(unique, a_result(2)))
+            await asyncio.sleep(5)
+            assert not storing.done(), "set_result returned while the server was down"
+        finally:
+            await asyncio.to_thread(redis_servers.start_standalone)
+        await asyncio.wait_for(storing, timeout=result_backend.SET_RESULT_PATIENCE_SECONDS)
+        assert (await backend.get_result(unique)).return_value == 2
+    finally:
+        await backend.shutdown()
+
+
+async def test_set_result_gives_up_with_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    """Past its patience set_result says which task lost its result, and why."""
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(result_backend, "SET_RESULT_PATIENCE_SECONDS", 0.5)
+    backend: Backend = RedisAsyncResultBackend(f"redis://127.0.0.1:{port}")
+    try:
+        with pytest.raises(result_backend.ResultNotStoredError) as caught:
+            await backend.set_result(unique, a_result())
+        message = str(caught.value)
+        assert f"task {unique} was not stored" in message
+        assert "Redis stayed unreachable" in message
+        assert f"127.0.0.1:{port}" in message, message
+    finally:
+        await backend.shutdown()

@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio.cluster import ClusterPubSub
+import redis
 from taskiq import AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection
@@ -25,6 +25,11 @@ from taskiq_redis.brokers.base import BaseRedisBroker
 
 if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
+
+try:
+    from redis.asyncio.cluster import ClusterPubSub
+except ImportError:  # redis-py 7: asyncio cluster pub/sub came in redis-py 8.0
+    ClusterPubSub = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger("taskiq.redis_broker")
 
@@ -86,7 +91,7 @@ class BasePubSubBroker(BaseRedisBroker):
         have sent yet, and keeps it until a command fails; after a failure the map is read
         again, since the owner may have failed over.
         """
-        if isinstance(session, ClusterPubSub):
+        if ClusterPubSub is not None and isinstance(session, ClusterPubSub):
             if after_failure:
                 await session.cluster.nodes_manager.initialize()
             else:
@@ -97,7 +102,7 @@ class BasePubSubBroker(BaseRedisBroker):
 
     async def _next_event(self, session: PubSub) -> dict[str, Any] | None:
         """The next event of the session, or None after WAKE_SECONDS without one."""
-        if isinstance(session, ClusterPubSub):
+        if ClusterPubSub is not None and isinstance(session, ClusterPubSub):
             event = await session.get_sharded_message(timeout=WAKE_SECONDS)
             # A slot that moved away can leave the session with no node to read from.
             listening = bool(session.node_pubsub_mapping)
@@ -131,7 +136,10 @@ class PubSubBroker(connection.SingleNodeAttributes, BasePubSubBroker):
 
 
 class PubSubClusterBroker(connection.ClusterAttributes, BasePubSubBroker):
-    """Pub/sub on a Redis Cluster, over the shard channel ``queue_name`` (Redis 7.0+)."""
+    """Pub/sub on a Redis Cluster, over the shard channel ``queue_name`` (Redis 7.0+).
+
+    Needs redis-py 8: redis-py 7 has no cluster pub/sub in asyncio.
+    """
 
     def __init__(
         self,
@@ -143,6 +151,11 @@ class PubSubClusterBroker(connection.ClusterAttributes, BasePubSubBroker):
         task_id_generator: Callable[[], str] | None = None,
         **connection_kwargs: Any,
     ) -> None:
+        if ClusterPubSub is None:
+            raise RuntimeError(
+                "PubSubClusterBroker needs redis-py 8.0 or newer (asyncio cluster pub/sub);"
+                f" redis-py {redis.__version__} is installed"
+            )
         super().__init__(
             connection.cluster(url, max_connection_pool_size, **connection_kwargs),
             queue_name,
