@@ -178,8 +178,12 @@ class Outcome:
     ran_twice: set[int]  # every task number that ran more than once, kicked when it may
 
 
-async def settle(load: Load, record: Path, over: float) -> Outcome:
-    """Wait for every task kicked since ``over`` to run and store its result; count the rest."""
+async def settle(load: Load, record: Path, over: float, working: float | None = None) -> Outcome:
+    """Wait for every task kicked since ``over`` to run and store its result; count the rest.
+
+    Kicks must succeed from ``working`` on (default: ``GRACE`` after ``over``).
+    """
+    working = over + GRACE if working is None else working
     counted = [kick for kick in load.since(over) if kick.error is None]
     deadline = time.monotonic() + PATIENCE
     await until(lambda: all(runs(record)[k.number] for k in counted))
@@ -211,7 +215,7 @@ async def settle(load: Load, record: Path, over: float) -> Outcome:
         f"after the fault: kicked {len(load.since(over))}, counted {len(counted)}"
     )
     return Outcome(
-        failed=[kick for kick in load.since(over + GRACE) if kick.error is not None],
+        failed=[kick for kick in load.since(working) if kick.error is not None],
         lost=[kick for kick in counted if ran[kick.number] == 0],
         twice=[kick for kick in load.since(over) if ran[kick.number] > 1],
         missing_results=missing_results,
@@ -224,7 +228,7 @@ def assert_nothing_lost(outcome: Outcome, worker: WorkerProcess) -> None:
     """The promises every outage test checks, each failure with the whole picture."""
     picture = f"{outcome.summary}\nworker log (end):\n{worker.output()[-4000:]}"
     assert not outcome.failed, (
-        f"kicks failed {GRACE}s after the fault: {outcome.failed[:5]}\n{picture}"
+        f"kicks failed once they should work: {outcome.failed[:5]}\n{picture}"
     )
     assert not outcome.lost, (
         f"tasks kicked after the fault never ran: {outcome.lost[:5]}\n{picture}"
