@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ from redis.retry import Retry
 
 HOST = "127.0.0.1"
 MASTER_NAME = "mymaster"
+# The server programs, so that the same suite runs on Valkey (valkey-server, valkey-sentinel).
+SERVER_ENV = "TASKIQ_REDIS_TEST_SERVER"
+SENTINEL_ENV = "TASKIQ_REDIS_TEST_SENTINEL"
 CLUSTER_SLOTS = 16384
 CLUSTER_SIZE = 3
 
@@ -48,6 +52,8 @@ _DEBIAN_PACKAGES = {
     "redis-server": "redis-server",
     "redis-sentinel": "redis-sentinel",
     "redis-cli": "redis-tools",
+    "valkey-server": "valkey-server",
+    "valkey-sentinel": "valkey-sentinel",
 }
 
 _START_TIMEOUT = 15.0
@@ -79,13 +85,23 @@ def find_program(name: str) -> str:
     """Locate a Redis program, failing with the install command if it is missing."""
     path = shutil.which(name)
     if path is None:
-        package = _DEBIAN_PACKAGES.get(name, name)
+        package = _DEBIAN_PACKAGES.get(Path(name).name, Path(name).name)
         raise MissingRedisProgramError(
             f"{name!r} was not found on PATH, and the taskiq-redis tests need real Redis "
             f"servers. Install the Debian package {package!r} "
             f"(apt-get install {package})."
         )
     return path
+
+
+def server_program() -> str:
+    """The server program: ``$TASKIQ_REDIS_TEST_SERVER``, else ``redis-server``."""
+    return find_program(os.environ.get(SERVER_ENV) or "redis-server")
+
+
+def sentinel_program() -> str:
+    """The sentinel program: ``$TASKIQ_REDIS_TEST_SENTINEL``, else ``redis-sentinel``."""
+    return find_program(os.environ.get(SENTINEL_ENV) or "redis-sentinel")
 
 
 # --------------------------------------------------------------------------- ports
@@ -430,7 +446,7 @@ def _slot_ranges(nodes: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(nodes)]
 
 
-def _cluster_problem(node: _RedisProcess, expected_nodes: int) -> str | None:
+def _cluster_problem(node: _RedisProcess, expected_nodes: int, primaries: int) -> str | None:
     """Why ``node`` does not yet see a healthy cluster, or None once it does."""
     client = _probe_client(node.port, timeout=2)
     try:
@@ -444,7 +460,7 @@ def _cluster_problem(node: _RedisProcess, expected_nodes: int) -> str | None:
         "cluster_state": "ok",
         "cluster_slots_assigned": str(CLUSTER_SLOTS),
         "cluster_known_nodes": str(expected_nodes),
-        "cluster_size": str(expected_nodes),
+        "cluster_size": str(primaries),
     }
     wrong = {key: info.get(key) for key, value in wanted.items() if info.get(key) != value}
     if wrong:
@@ -456,12 +472,13 @@ def _cluster_problem(node: _RedisProcess, expected_nodes: int) -> str | None:
     return None
 
 
-def _form_cluster(nodes: list[_RedisProcess]) -> None:
-    """Join running cluster-enabled servers into a cluster of primaries.
+def _form_cluster(nodes: list[_RedisProcess], replicas: Sequence[_RedisProcess] = ()) -> None:
+    """Join running cluster-enabled servers into a cluster; ``replicas[i]`` follows ``nodes[i]``.
 
     Done with plain commands instead of ``redis-cli --cluster create``, which
     polls the join only once per second and cannot be told the bus ports.
     """
+    everyone = [*nodes, *replicas]
     clients = [_probe_client(node.port, timeout=5) for node in nodes]
     try:
         for epoch, (client, (first, last)) in enumerate(
@@ -470,21 +487,26 @@ def _form_cluster(nodes: list[_RedisProcess]) -> None:
             client.cluster("ADDSLOTSRANGE", first, last)
             # Distinct epochs up front spare the nodes resolving a collision.
             client.cluster("SET-CONFIG-EPOCH", epoch)
-        for node in nodes[1:]:
+        for node in everyone[1:]:
             clients[0].cluster("MEET", HOST, node.port, node.bus_port)
     finally:
         for client in clients:
             client.close()
+    for primary, replica in zip(nodes, replicas, strict=False):
+        _replicate_in_cluster(replica, primary)
 
     # A fresh primary keeps reporting cluster_state:fail for its first two
     # seconds (CLUSTER_WRITABLE_DELAY), so this wait is never instant.
     deadline = time.monotonic() + _CLUSTER_TIMEOUT
     while True:
-        problems = [p for p in (_cluster_problem(n, len(nodes)) for n in nodes) if p]
+        problems = [
+            p for p in (_cluster_problem(n, len(everyone), len(nodes)) for n in everyone) if p
+        ]
+        problems += [p for p in (_replication_problem(r) for r in replicas) if p]
         if not problems:
             return
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n.log_path}:\n{n.log_tail()}" for n in nodes)
+            logs = "\n".join(f"--- {n.log_path}:\n{n.log_tail()}" for n in everyone)
             raise RedisServerError(
                 f"cluster not healthy after {_CLUSTER_TIMEOUT:.0f}s: "
                 + "; ".join(problems)
@@ -492,6 +514,50 @@ def _form_cluster(nodes: list[_RedisProcess]) -> None:
                 + logs
             )
         time.sleep(0.05)
+
+
+def _node_id(node: _RedisProcess) -> str:
+    client = _probe_client(node.port, timeout=5)
+    try:
+        return str(client.cluster("MYID"))
+    finally:
+        client.close()
+
+
+def _replicate_in_cluster(replica: _RedisProcess, primary: _RedisProcess) -> None:
+    """CLUSTER REPLICATE, once the replica has learnt of the primary through the bus."""
+    primary_id = _node_id(primary)
+    client = _probe_client(replica.port, timeout=5)
+    deadline = time.monotonic() + _CLUSTER_TIMEOUT
+    try:
+        while True:
+            try:
+                client.cluster("REPLICATE", primary_id)
+                return
+            except redis.ResponseError as exc:  # "Unknown node" until the MEET spread
+                if time.monotonic() > deadline:
+                    raise RedisServerError(
+                        f"{replica.describe()} cannot replicate {primary.describe()}: {exc}"
+                    ) from exc
+            time.sleep(_POLL_INTERVAL)
+    finally:
+        client.close()
+
+
+def _replication_problem(replica: _RedisProcess) -> str | None:
+    """Why ``replica`` is not yet a replica in sync with its primary, or None once it is."""
+    client = _probe_client(replica.port, timeout=2)
+    try:
+        info = client.info("replication")
+    except (redis.RedisError, OSError) as exc:
+        return f"{replica.describe()}: {exc}"
+    finally:
+        client.close()
+    if info.get("role") != "slave" or info.get("master_link_status") != "up":
+        return (
+            f"{replica.describe()}: role {info.get('role')}, link {info.get('master_link_status')}"
+        )
+    return None
 
 
 def _wait_for_sentinel(sentinel: _RedisProcess, primary: _RedisProcess) -> None:
@@ -670,7 +736,7 @@ def _start_cluster(servers: RedisServers, watchdog: _Watchdog, server: str) -> N
 
 
 def _start_sentinel(
-    servers: RedisServers, watchdog: _Watchdog, server: str, sentinel_program: str
+    servers: RedisServers, watchdog: _Watchdog, server: str, sentinel_path: str
 ) -> None:
     primary = servers._adopt(
         _RedisProcess(
@@ -685,7 +751,7 @@ def _start_sentinel(
     sentinel = servers._adopt(
         _RedisProcess(
             "sentinel",
-            sentinel_program,
+            sentinel_path,
             servers.tmpdir / "sentinel",
             watchdog,
             settings=[f"sentinel monitor {MASTER_NAME} {HOST} {primary.port} 1"],
@@ -706,8 +772,8 @@ def start_servers(which: Iterable[str] | None = None) -> RedisServers:
     without either.
     """
     wanted = _normalise(which)
-    server = find_program("redis-server")
-    sentinel_program = find_program("redis-sentinel") if "sentinel" in wanted else ""
+    server = server_program()
+    sentinel = sentinel_program() if "sentinel" in wanted else ""
 
     tmpdir = Path(tempfile.mkdtemp(prefix="taskiq-redis-tests-"))
     watchdog = _Watchdog(tmpdir)
@@ -722,9 +788,7 @@ def start_servers(which: Iterable[str] | None = None) -> RedisServers:
             if "single" in wanted:
                 futures.append(pool.submit(_start_single, servers, watchdog, server))
             if "sentinel" in wanted:
-                futures.append(
-                    pool.submit(_start_sentinel, servers, watchdog, server, sentinel_program)
-                )
+                futures.append(pool.submit(_start_sentinel, servers, watchdog, server, sentinel))
         errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
         if errors:
             if len(errors) == 1:
@@ -807,3 +871,367 @@ class Topology:
         if self.name == "sentinel":
             return {"sentinels": list(self.sentinels), "master_name": self.master_name}
         return {url_param: self.url}
+
+
+# ------------------------------------------------------- servers of a few tests only
+
+# A replica syncs the moment it connects, instead of after the default 5 s delay.
+_REPLICATION_SETTINGS = ["repl-diskless-sync yes", "repl-diskless-sync-delay 0"]
+# Short enough that a failover takes a second or three, long enough that a loaded
+# machine's pauses do not look like a dead server.
+SENTINEL_DOWN_AFTER_MS = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS = 3000
+CLUSTER_NODE_TIMEOUT_MS = 3000
+_FAILOVER_TIMEOUT = 30.0
+
+
+def _start_all(processes: Sequence[_RedisProcess]) -> None:
+    """Start every process on the ports it already has (clients may know them), in parallel."""
+    for process in processes:
+        process.start()
+    for process in processes:
+        try:
+            process.wait_ready()
+        except _PortClashError:
+            process.relaunch_same_port()
+
+
+def _wait_until(problem: Any, what: str, timeout: float = _FAILOVER_TIMEOUT) -> None:
+    """Poll ``problem()`` until it returns None; fail with its last answer after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (reason := problem()) is not None:
+        if time.monotonic() > deadline:
+            raise RedisServerError(f"{what} not reached after {timeout:.0f}s: {reason}")
+        time.sleep(0.02)
+
+
+def _role(process: _RedisProcess) -> dict[str, Any]:
+    """``INFO replication`` of a process, or ``{"role": "unreachable"}``."""
+    client = _probe_client(process.port, timeout=2)
+    try:
+        return dict(client.info("replication"))
+    except (redis.RedisError, OSError) as exc:
+        return {"role": "unreachable", "error": str(exc)}
+    finally:
+        client.close()
+
+
+class ServerGroup:
+    """Servers that only some tests need, in a directory of their own, stopped by ``stop()``.
+
+    The ports are chosen when the group is built and kept for its whole life, so a test can
+    hand them to a worker before the servers run ("Redis down when the worker starts") and a
+    restarted server comes back where its clients look for it.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.tmpdir = Path(tempfile.mkdtemp(prefix=f"taskiq-redis-{label}-"))
+        self._watchdog = _Watchdog(self.tmpdir)
+        self.processes: list[_RedisProcess] = []
+        self._stopped = False
+        atexit.register(self.stop)
+
+    def _process(
+        self, name: str, program: str, settings: Iterable[str], cluster: bool = False
+    ) -> _RedisProcess:
+        process = _RedisProcess(
+            name, program, self.tmpdir / name, self._watchdog, settings, cluster=cluster
+        )
+        self.processes.append(process)
+        return process
+
+    def start(self) -> None:
+        """Start the servers on the ports chosen when the group was built."""
+        raise NotImplementedError
+
+    def topology(self) -> Topology:
+        """How the package's classes and the test clients reach these servers."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Kill every server and remove the directory; safe to repeat."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for process in self.processes:
+            process.kill()
+        self._watchdog.close()
+        atexit.unregister(self.stop)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class StandaloneServer(ServerGroup):
+    """One server without persistence: a restart brings it back empty."""
+
+    def __init__(self, settings: Iterable[str] = ()) -> None:
+        super().__init__("standalone")
+        self.server = self._process("server", server_program(), [*_DATA_SETTINGS, *settings])
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def topology(self) -> Topology:
+        return Topology("single", self.url, [], MASTER_NAME)
+
+    def start(self) -> None:
+        self.server.relaunch_same_port()
+
+    def kill(self) -> None:
+        """kill -9: the data is gone with the process."""
+        self.server.kill()
+
+    def restart_empty(self) -> None:
+        """kill -9, then start again on the same port, without any of the data it had."""
+        self.kill()
+        self.start()
+
+
+class SentinelGroup(ServerGroup):
+    """A primary, optionally one replica, and a sentinel (quorum 1) that fails over in seconds."""
+
+    def __init__(self, replica: bool = True) -> None:
+        super().__init__("sentinel")
+        server = server_program()
+        first = self._process("node-a", server, [*_DATA_SETTINGS, *_REPLICATION_SETTINGS])
+        self.nodes = [first]
+        if replica:
+            self.nodes.append(
+                self._process(
+                    "node-b",
+                    server,
+                    [*_DATA_SETTINGS, *_REPLICATION_SETTINGS, f"replicaof {HOST} {first.port}"],
+                )
+            )
+        self.sentinel = self._process(
+            "sentinel",
+            sentinel_program(),
+            [
+                f"sentinel monitor {MASTER_NAME} {HOST} {first.port} 1",
+                f"sentinel down-after-milliseconds {MASTER_NAME} {SENTINEL_DOWN_AFTER_MS}",
+                f"sentinel failover-timeout {MASTER_NAME} {SENTINEL_FAILOVER_TIMEOUT_MS}",
+            ],
+        )
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        return [(HOST, self.sentinel.port)]
+
+    def topology(self) -> Topology:
+        return Topology("sentinel", self.nodes[0].url, self.sentinels, MASTER_NAME)
+
+    def start(self) -> None:
+        """Start the data nodes, wait for the replica's sync, then the sentinel.
+
+        The sentinel starts last so that its first INFO of the primary already lists the
+        replica: otherwise it would learn of it only at its next INFO, ten seconds later.
+        """
+        _start_all(self.nodes)
+        for replica in self.nodes[1:]:
+            _wait_until(lambda r=replica: _replication_problem(r), "replica in sync")
+        _start_all([self.sentinel])
+        _wait_for_sentinel(self.sentinel, self.nodes[0])
+        _wait_until(self._replica_problem, "sentinel knows the replica")
+
+    def _ask_sentinel(self, *args: Any) -> Any:
+        client = _probe_client(self.sentinel.port, timeout=2)
+        try:
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+
+    def named_primary(self) -> _RedisProcess:
+        """The node the sentinel names as primary now."""
+        host, port = self._ask_sentinel("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
+        for node in self.nodes:
+            if (HOST, node.port) == (host, int(port)):
+                return node
+        raise RedisServerError(f"the sentinel names {host}:{port}, which is none of ours")
+
+    def _replica_problem(self) -> str | None:
+        """Why the sentinel would not promote the replica yet, or None."""
+        primary = self.named_primary()
+        wanted = [n.port for n in self.nodes if n is not primary and n.running]
+        replicas = self._ask_sentinel("SENTINEL", "REPLICAS", MASTER_NAME)
+        ready = []
+        for fields in replicas:
+            entry = (
+                fields
+                if isinstance(fields, dict)
+                else dict(zip(fields[::2], fields[1::2], strict=True))
+            )
+            if entry["flags"] == "slave" and entry["master-link-status"] == "ok":
+                ready.append(int(entry["port"]))
+        if sorted(ready) != sorted(wanted):
+            return f"sentinel sees replicas {replicas}, wants {wanted} ready"
+        return None
+
+    def _named_problem(self, primary: _RedisProcess) -> str | None:
+        """Why ``primary`` is not yet named by the sentinel and serving as a primary, or None."""
+        named = self.named_primary()
+        if named is not primary:
+            return f"sentinel names {named.describe()}"
+        if (role := _role(primary))["role"] != "master":
+            return f"{primary.describe()} has role {role}"
+        return None
+
+    def _demoted_problem(self, primary: _RedisProcess) -> str | None:
+        """Why not every other running node is a replica of ``primary`` yet, or None."""
+        for node in self.nodes:
+            if node is primary or not node.running:
+                continue
+            role = _role(node)
+            if role["role"] != "slave" or int(role.get("master_port", 0)) != primary.port:
+                return f"{node.describe()} has role {role}"
+        return None
+
+    def failover(self) -> _RedisProcess:
+        """SENTINEL FAILOVER; returns the new primary once the sentinel names it and it serves.
+
+        The old primary still serves as a primary for several seconds after that, until the
+        sentinel demotes it (it waits about 8 s before it converts a node that reports the
+        wrong role); :meth:`wait_demoted` waits for that.
+        """
+        old = self.named_primary()
+        (new,) = [n for n in self.nodes if n is not old]
+        self._ask_sentinel("SENTINEL", "FAILOVER", MASTER_NAME)
+        _wait_until(lambda: self._named_problem(new), "sentinel failover")
+        return new
+
+    def wait_demoted(self) -> None:
+        """Wait until every other running node is a replica of the named primary."""
+        primary = self.named_primary()
+        _wait_until(lambda: self._demoted_problem(primary), "old primary demoted")
+
+    def kill_primary(self) -> _RedisProcess:
+        """kill -9 of the primary; returns the replica once the sentinel named it and it serves."""
+        old = self.named_primary()
+        (new,) = [n for n in self.nodes if n is not old]
+        old.kill()
+        _wait_until(lambda: self._named_problem(new), "failover after kill -9")
+        return new
+
+
+class ClusterGroup(ServerGroup):
+    """Three primaries, optionally one replica each, with a short ``cluster-node-timeout``."""
+
+    def __init__(self, replicas: bool = True) -> None:
+        super().__init__("cluster")
+        server = server_program()
+        settings = [
+            *_DATA_SETTINGS,
+            *_REPLICATION_SETTINGS,
+            f"cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS}",
+            # The layout stays the one the tests built: no replica wanders to another primary.
+            "cluster-allow-replica-migration no",
+        ]
+        self.primaries = [
+            self._process(f"primary-{i}", server, settings, cluster=True)
+            for i in range(CLUSTER_SIZE)
+        ]
+        self.replicas = (
+            [
+                self._process(f"replica-{i}", server, settings, cluster=True)
+                for i in range(CLUSTER_SIZE)
+            ]
+            if replicas
+            else []
+        )
+
+    @property
+    def url(self) -> str:
+        return self.primaries[0].url
+
+    def topology(self) -> Topology:
+        return Topology("cluster", self.url, [], MASTER_NAME)
+
+    def start(self) -> None:
+        _start_all(self.processes)
+        _form_cluster(self.primaries, self.replicas)
+
+    def _nodes(self, via: _RedisProcess) -> dict[int, dict[str, Any]]:
+        """CLUSTER NODES as ``via`` sees it, by port."""
+        client = _probe_client(via.port, timeout=2)
+        try:
+            nodes = client.cluster("NODES")
+        finally:
+            client.close()
+        return {int(address.rsplit(":", 1)[1]): peer for address, peer in nodes.items()}
+
+    def primary_for(self, key: str) -> _RedisProcess:
+        """The node that serves ``key`` now."""
+        slot = redis.crc.key_slot(key.encode())
+        for port, peer in self._nodes(self.processes[0]).items():
+            if "master" not in peer["flags"]:
+                continue
+            for first, *last in peer["slots"]:
+                if int(first) <= slot <= int(last[0] if last else first):
+                    return self._by_port(port)
+        raise RedisServerError(f"no primary serves slot {slot}")
+
+    def serving(self) -> list[_RedisProcess]:
+        """The primaries now."""
+        peers = self._nodes(self.processes[0])
+        return [self._by_port(port) for port, peer in peers.items() if "master" in peer["flags"]]
+
+    def replica_of(self, primary: _RedisProcess) -> _RedisProcess:
+        primary_id = _node_id(primary)
+        for port, peer in self._nodes(primary).items():
+            if peer["master_id"] == primary_id:
+                return self._by_port(port)
+        raise RedisServerError(f"{primary.describe()} has no replica")
+
+    def _by_port(self, port: int) -> _RedisProcess:
+        (process,) = [p for p in self.processes if p.port == port]
+        return process
+
+    def _roles_problem(self, primary: _RedisProcess, replica: _RedisProcess) -> str | None:
+        """Why not every node sees ``primary`` serving with ``replica`` in sync, or None."""
+        primary_id = _node_id(primary)
+        for node in self.processes:
+            peers = self._nodes(node)
+            if "master" not in peers[primary.port]["flags"]:
+                return f"{node.describe()} sees {primary.describe()} as {peers[primary.port]}"
+            if peers[replica.port]["master_id"] != primary_id:
+                return f"{node.describe()} sees {replica.describe()} as {peers[replica.port]}"
+            problem = _cluster_problem(node, len(self.processes), len(self.primaries))
+            if problem is not None:
+                return problem
+        return _replication_problem(replica)
+
+    def failover(self, replica: _RedisProcess) -> None:
+        """CLUSTER FAILOVER on ``replica``; returns once every node sees the swapped roles."""
+        old = self._by_port(
+            next(
+                port
+                for port, peer in self._nodes(replica).items()
+                if peer["node_id"] == self._nodes(replica)[replica.port]["master_id"]
+            )
+        )
+        client = _probe_client(replica.port, timeout=5)
+        try:
+            client.cluster("FAILOVER")
+        finally:
+            client.close()
+        _wait_until(lambda: self._roles_problem(replica, old), "cluster failover")
+
+    def wait_healthy(self) -> None:
+        """Every primary serving, each with its replica in sync, as every node sees it."""
+
+        def problem() -> str | None:
+            for node in self.processes:
+                reason = _cluster_problem(node, len(self.processes), len(self.primaries))
+                if reason is not None:
+                    return reason
+            for node in self.processes:
+                if _role(node)["role"] == "slave" and (reason := _replication_problem(node)):
+                    return reason
+            return None
+
+        _wait_until(problem, "healthy cluster")

@@ -2,12 +2,71 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
+from redis import exceptions as redis_errors
 from taskiq import AsyncBroker, AsyncResultBackend, BrokerMessage
 
+from taskiq_redis import connection
 from taskiq_redis.connection import RedisConnection
+from taskiq_redis.diagnostics import describe
+
+logger = logging.getLogger("taskiq.redis_broker")
+
+# Delays between attempts while a worker waits for Redis at start: quick at first (a server
+# that is just starting), then at most this far apart, so the wait logs little.
+START_WAIT_FIRST = 0.5
+START_WAIT_CAP = 10.0
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the server is not there (yet), which waiting can cure.
+
+    A wrong password or a missing permission is not: waiting would only hide it.
+    """
+    if isinstance(error, redis_errors.AuthenticationError | redis_errors.AuthorizationError):
+        return False
+    if isinstance(error, redis_errors.RedisClusterException) and error.__cause__ is not None:
+        # "Redis Cluster cannot be connected": why is in its cause.
+        return unreachable(error.__cause__)
+    return isinstance(error, connection.TRANSIENT_ERRORS)
+
+
+@contextlib.contextmanager
+def _stop_signals(on_stop: Callable[[], object]) -> Iterator[None]:
+    """Also call ``on_stop`` on SIGINT/SIGTERM while the block runs, then restore the handlers.
+
+    taskiq's worker handles these signals by setting an event that it checks only once the
+    broker started, so a worker waiting for Redis would never stop (and its process manager,
+    which does not wait, would leave it running). The previous handler still runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        on_stop()
+        earlier = previous[signal.Signals(signum)]
+        if callable(earlier):
+            earlier(signum, frame)
+        elif earlier == signal.SIG_DFL and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, earlier in previous.items():
+            signal.signal(sig, earlier)
 
 
 class BaseRedisBroker(AsyncBroker):
@@ -27,6 +86,60 @@ class BaseRedisBroker(AsyncBroker):
     def queue_of(self, message: BrokerMessage) -> str:
         """The queue a message is sent to: its ``queue_name`` label, else the broker's queue."""
         return str(message.labels.get("queue_name") or self.queue_name)
+
+    async def startup(self) -> None:
+        """In a worker, first wait until Redis answers; then start as taskiq does.
+
+        A worker started before its Redis (a host booting, a container order) would otherwise
+        die, and taskiq would restart it every two seconds, each time with a long traceback.
+        A producer's ``startup()`` raises at once instead, as in taskiq-redis 1.2: the
+        application decides what to do. Subclasses call this first, so the wait covers their
+        own preparation (scripts, consumer groups) too.
+        """
+        if self.is_worker_process:
+            await self._wait_for(self._conn)
+            backend_conn = getattr(self.result_backend, "_conn", None)
+            if isinstance(backend_conn, RedisConnection) and backend_conn is not self._conn:
+                await self._wait_for(backend_conn)
+        await super().startup()
+
+    async def _wait_for(self, conn: RedisConnection) -> None:
+        """PING until it is answered, one log line per failed attempt, with capped backoff.
+
+        A stop signal ends the wait: the last error is raised, as without the wait.
+        """
+        backoff = connection.Backoff(first=START_WAIT_FIRST, cap=START_WAIT_CAP)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        attempt = 0
+        with _stop_signals(lambda: loop.call_soon_threadsafe(stopping.set)):
+            while True:
+                attempt += 1
+                try:
+                    await conn.execute("PING")
+                except Exception as exc:
+                    if not unreachable(exc) or stopping.is_set():
+                        raise
+                    logger.warning(
+                        "Redis is not reachable (%s); the worker waits for it (attempt %d)",
+                        describe(exc),
+                        attempt,
+                    )
+                    waits = {
+                        asyncio.ensure_future(backoff.wait()),
+                        asyncio.ensure_future(stopping.wait()),
+                    }
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for waiting in waits:
+                            waiting.cancel()
+                    if stopping.is_set():
+                        raise
+                else:
+                    if attempt > 1:
+                        logger.info("Redis answers; the worker starts")
+                    return
 
     async def shutdown(self) -> None:
         """Stop taskiq's side first, then close every connection."""
