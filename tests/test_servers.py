@@ -232,5 +232,6 @@ def test_missing_program_is_an_error_not_a_skip(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("TASKIQ_REDIS_TEST_SERVER", raising=False)
     with pytest.raises(MissingRedisProgramError, match=r"apt-get install redis-server"):
         start_servers()
