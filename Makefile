@@ -24,8 +24,11 @@ install: $(STAMP)
 run: install
 	$(BIN)/python examples/run.py
 
+# The suite mostly waits (failovers, idle timeouts, real workers), so it runs in parallel
+# processes, each with servers of its own; TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 4
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .
