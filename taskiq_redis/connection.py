@@ -153,7 +153,7 @@ def with_reconnect(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**connection_kwargs, "retry": retry}
 
 
-class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):  # type: ignore[misc]
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """The sentinel's primary pool, waiting for a free connection as the single-node pool does.
 
     redis-py's SentinelConnectionPool raises "Too many connections" once ``max_connections``

@@ -28,7 +28,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -39,7 +39,6 @@ from redis.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.asyncio.cluster import ClusterNode
 
 _Waiter = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
@@ -91,8 +90,8 @@ class AutoPipeline:
         # to it with no command in between, so the pool never waits on an idle one.
         self._holder: Redis | None = None
         self._kept: Any = None
-        if self._cluster is None:
-            self._holder = type(client)(connection_pool=client.connection_pool)
+        if isinstance(client, Redis):
+            self._holder = Redis(connection_pool=client.connection_pool)
 
     async def execute(self, *args: Any, **options: Any) -> Any:
         """Send one command; its reply, or its error, is this call's alone."""
@@ -207,7 +206,9 @@ class AutoPipeline:
                     raise
                 await asyncio.sleep(0.005)
 
-    async def _send_one(self, server: _Server, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    async def _send_one(
+        self, server: _Server, args: tuple[Any, ...], options: dict[str, Any]
+    ) -> Any:
         if server.node is not None:
             return await self._direct(args, options)
         holder = self._holder
@@ -215,10 +216,10 @@ class AutoPipeline:
             return await self._client.execute_command(*args, **options)
         connection, self._kept = self._kept, None
         if connection is None:
-            connection = await holder.connection_pool.get_connection()
+            connection = await holder.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         holder.connection = connection
         try:
-            return await holder.execute_command(*args, **options)
+            return await holder.execute_command(*args, **options)  # type: ignore[no-untyped-call]
         finally:
             holder.connection = None
             if self._kept is None:

@@ -63,9 +63,7 @@ def make_backend(topology: Topology, size: int, **options: Any) -> BaseRedisResu
         return RedisAsyncResultBackend(topology.url, max_connection_pool_size=size, **options)
     if topology.name == "cluster":
         return RedisAsyncClusterResultBackend(topology.url, max_connections=size, **options)
-    return RedisAsyncSentinelResultBackend(
-        **topology.kwargs(), max_connections=size, **options
-    )
+    return RedisAsyncSentinelResultBackend(**topology.kwargs(), max_connections=size, **options)
 
 
 def make_broker(topology: Topology, kind: str, size: int, queue: str) -> AsyncBroker:
@@ -77,7 +75,8 @@ def make_broker(topology: Topology, kind: str, size: int, queue: str) -> AsyncBr
     options: dict[str, Any] = {"queue_name": queue, "max_connection_pool_size": size}
     if kind == "stream":
         options["xread_block"] = 1000
-    return chosen(**topology.kwargs(), **options)  # type: ignore[operator]
+    broker: AsyncBroker = chosen(**topology.kwargs(), **options)
+    return broker
 
 
 def task_message(n: int) -> TaskiqMessage:
@@ -201,6 +200,7 @@ def node_keys(cluster: RedisCluster, unique: str, per_node: int) -> dict[str, li
     while len(found) < 3 or min(len(keys) for keys in found.values()) < per_node:
         key = f"{unique}:{n}"
         node = cluster.get_node_from_key(key)
+        assert node is not None
         found.setdefault(node.name, []).append(key)
         n += 1
     return found
@@ -217,11 +217,13 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
         groups = node_keys(conn.client, unique, 20)
         paused_name, *other_names = sorted(groups)
         others = [key for name in other_names for key in groups[name][:20]]
-        await asyncio.gather(*(conn.execute("SET", key, 1) for keys in groups.values() for key in keys))
+        await asyncio.gather(
+            *(conn.execute("SET", key, 1) for keys in groups.values() for key in keys)
+        )
 
         host, port = paused_name.rsplit(":", 1)
         pauser = Redis(host=host, port=int(port))
-        await pauser.execute_command("CLIENT", "PAUSE", 2000)
+        await pauser.execute_command("CLIENT", "PAUSE", 2000)  # type: ignore[no-untyped-call]
         try:
             stuck = [
                 asyncio.ensure_future(conn.execute("INCR", key)) for key in groups[paused_name][:20]
@@ -237,7 +239,7 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
             assert not any(task.done() for task in stuck), "the node was not paused"
             assert await asyncio.wait_for(asyncio.gather(*stuck), PATIENCE) == [2] * 20
         finally:
-            await pauser.execute_command("CLIENT", "UNPAUSE")
+            await pauser.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             await pauser.aclose()
     finally:
         await conn.close()
@@ -266,7 +268,7 @@ async def test_a_small_command_beside_a_64_mb_read_waits_no_longer_than_plain_re
     try:
         ours_times, plain_times = [], []
         await ours.execute("PING")
-        await plain.execute_command("PING")
+        await plain.execute_command("PING")  # type: ignore[no-untyped-call]
         for _ in range(5):  # alternated, so both see the same machine load
             ours_times.append(await latency(ours.execute))
             plain_times.append(await latency(plain.execute_command))
@@ -295,7 +297,7 @@ async def test_no_command_is_lost_when_every_node_forgot_the_scripts(
         await asyncio.gather(*(conn.execute("SET", key, key) for key in result_keys))
         for port in redis_servers.cluster_ports:
             node = Redis(port=port)
-            await node.execute_command("SCRIPT", "FLUSH")
+            await node.execute_command("SCRIPT", "FLUSH")  # type: ignore[no-untyped-call]
             await node.aclose()
         reads = [
             scripts.run(conn, script, [key, keys.progress_key(key)], ["1"]) for key in result_keys
@@ -327,7 +329,7 @@ async def test_a_wrong_password_is_not_retried_and_says_what_to_do(
     topology: Topology, acl_user: str
 ) -> None:
     url = topology.url.replace("redis://", f"redis://{acl_user}:wrong@")
-    backend = RedisAsyncResultBackend(url)
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(url)
     try:
         started = time.monotonic()
         with pytest.raises(redis_errors.AuthenticationError) as raised:
@@ -348,7 +350,7 @@ async def test_a_user_without_scripting_is_told_what_to_grant(
     topology: Topology, acl_user: str
 ) -> None:
     url = topology.url.replace("redis://", f"redis://{acl_user}:right@")
-    backend = RedisAsyncResultBackend(url)
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(url)
     started = time.monotonic()
     with pytest.raises(redis_errors.NoPermissionError) as raised:
         await backend.startup()
@@ -374,7 +376,9 @@ async def test_a_script_error_names_the_script_and_keeps_its_class(
     await raw_redis.rpush(key, "not a string")
     try:
         with pytest.raises(redis_errors.ResponseError) as raised:
-            await scripts.run(opened, scripts.get("result_get"), [key, keys.progress_key(key)], ["0"])
+            await scripts.run(
+                opened, scripts.get("result_get"), [key, keys.progress_key(key)], ["0"]
+            )
         assert str(raised.value) == (
             "script result_get: WRONGTYPE Operation against a key holding the wrong kind of value"
         )
