@@ -9,6 +9,7 @@ so routing (cluster slots, sentinel failover) stays redis-py's job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -19,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 
-from taskiq_redis.diagnostics import server_message
+from taskiq_redis.diagnostics import describe, server_message
 from taskiq_redis.pipelining import AutoPipeline
 
 if TYPE_CHECKING:
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
     Client: TypeAlias = "Redis | RedisCluster"
 
 Topology = Literal["single", "cluster", "sentinel"]
+
+logger = logging.getLogger("taskiq.redis")
+
+# How often a sentinel connection asks the sentinels which server is the primary. redis-py asks
+# only when it opens a connection, and a demoted primary keeps taking writes on the connections
+# already open until the sentinels reconfigure it (8 s after SENTINEL FAILOVER): writes that
+# the new primary never sees.
+PRIMARY_CHECK = 0.5
 
 
 class RedisConnection:
@@ -54,6 +63,8 @@ class RedisConnection:
         self.sentinel = sentinel
         self.master_name = master_name
         self._closers = closers
+        self._unwatched = sentinel is not None  # the primary watch starts with the first call
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def is_cluster(self) -> bool:
@@ -66,6 +77,8 @@ class RedisConnection:
         Commands issued while others are under way share round trips (see :mod:`pipelining`);
         blocking commands are always sent on their own.
         """
+        if self._unwatched:
+            self._start_watch()
         try:
             return await self._pipeline.execute(*args, **options)
         except FINAL_ERRORS as error:
@@ -73,12 +86,49 @@ class RedisConnection:
 
     def pubsub(self) -> PubSub:
         """A pub/sub session; on a cluster it follows the nodes that own the channels."""
+        if self._unwatched:
+            self._start_watch()
         return self.client.pubsub()
 
     async def close(self) -> None:
         """Close every socket this connection opened (pools, sentinel links)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self._pipeline.close()
         for closer in self._closers:
             await closer()
+
+    def _start_watch(self) -> None:
+        self._unwatched = False
+        self._watch = asyncio.ensure_future(self._follow_primary())
+
+    async def _follow_primary(self) -> None:
+        """Move every connection to the primary the sentinels name, as soon as they name it.
+
+        Connections to the old primary, idle or in use (a blocking read, a kept connection),
+        are closed; their commands are retried on the new primary by the reconnect retry.
+        """
+        pool = self.client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        primary = None
+        while True:
+            try:
+                named = await pool.get_master_address()
+            except (redis_errors.RedisError, OSError) as error:
+                logger.debug("Asking the sentinels for the primary failed: %s", describe(error))
+                named = primary
+            if primary is not None and named != primary:
+                logger.warning(
+                    "The sentinels name %s:%s the primary of %r (was %s:%s); reconnecting",
+                    *named,
+                    self.master_name,
+                    *primary,
+                )
+                await self._pipeline.close()
+                await pool.disconnect(inuse_connections=True)
+            primary = named
+            await asyncio.sleep(PRIMARY_CHECK)
 
 
 # Errors that retrying cannot fix: redis-py's AuthenticationError and AuthorizationError are

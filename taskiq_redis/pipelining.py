@@ -48,9 +48,13 @@ BLOCKING_COMMANDS = frozenset(
     | {"XREAD", "XREADGROUP", "WAIT", "WAITAOF"}
 )
 
-# Lanes per server at most. More lanes mean more round trips in flight, each carrying less;
-# the figures in the README's "design: lanes" chose this.
+# Lanes per server at most, and how long a round trip may take before commands queued behind
+# it start another lane. Under load each extra lane costs throughput (more, smaller round
+# trips on a CPU-bound client: stream receive+ack at concurrency 50 ran at 1.19x redis-py with
+# one lane, 0.67x with up to four started freely), so a second lane starts only for a slow
+# round trip (a 64 MB reply, a paused server). See the README's "design: lanes".
 LANE_CAP = 4
+PATIENCE = 0.02
 
 # How long a cluster command waits for a free connection to its node before redis-py's
 # "Too many connections" reaches the caller (BlockingConnectionPool's default wait).
@@ -64,13 +68,15 @@ _REROUTE = (MovedError, AskError, TryAgainError, ClusterDownError)
 class _Server:
     """The commands queued for one server and the lanes sending them."""
 
-    __slots__ = ("collecting", "lanes", "node", "waiting")
+    __slots__ = ("collecting", "lanes", "latest", "node", "timer", "waiting")
 
     def __init__(self, node: ClusterNode | None) -> None:
         self.node = node
         self.waiting: list[_Waiter] = []
         self.lanes = 0  # lanes running, including callers sending their own command
         self.collecting = False  # a lane is started and has not taken the queue yet
+        self.latest = 0.0  # when the most recent round trip began
+        self.timer: asyncio.TimerHandle | None = None  # to start a lane if none comes back
 
 
 class AutoPipeline:
@@ -100,18 +106,35 @@ class AutoPipeline:
             return await self._direct(args, options)
         if server.lanes == 0 and self._free(server) > 0:
             server.lanes += 1
+            server.latest = time.monotonic()
             try:
                 return await self._send_one(server, args, options)
             finally:
                 server.lanes -= 1
                 self._pick_up(server)
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         server.waiting.append((args, options, waiter))
-        if not server.collecting and (
-            server.lanes == 0 or (server.lanes < LANE_CAP and self._free(server) > 0)
+        if not server.collecting:
+            if server.lanes == 0:
+                self._start_lane(server)
+            elif server.lanes < LANE_CAP and server.timer is None:
+                # A lane that began its round trip just now picks this up when it is back;
+                # one that began PATIENCE ago may be stuck, so another lane starts then.
+                wait = max(0.0, server.latest + PATIENCE - time.monotonic())
+                server.timer = loop.call_later(wait, self._overdue, server)
+        return await waiter
+
+    def _overdue(self, server: _Server) -> None:
+        """Commands have waited PATIENCE with no lane back to take them: start another."""
+        server.timer = None
+        if (
+            server.waiting
+            and not server.collecting
+            and server.lanes < LANE_CAP
+            and self._free(server) > 0
         ):
             self._start_lane(server)
-        return await waiter
 
     async def _server_for(self, args: tuple[Any, ...]) -> _Server | None:
         """The server whose lanes send this command; None for one sent on its own."""
@@ -170,6 +193,7 @@ class AutoPipeline:
                 server.waiting = []
                 server.collecting = False
                 if batch:
+                    server.latest = time.monotonic()
                     await self._round_trip(server, batch)
         finally:
             server.collecting = False
@@ -235,10 +259,26 @@ class AutoPipeline:
             self._release(connection)
 
     def _release(self, connection: Any) -> None:
-        assert self._holder is not None
-        task = asyncio.ensure_future(self._holder.connection_pool.release(connection))
+        task = asyncio.ensure_future(self._put_back(connection))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _put_back(self, connection: Any) -> None:
+        assert self._holder is not None
+        try:
+            await self._holder.connection_pool.release(connection)
+        except KeyError:  # the pool was reset (closed) meanwhile and forgot the connection
+            pass
+
+    async def close(self) -> None:
+        """Give the kept connection back before the pool closes."""
+        for server in (self._single, *self._nodes.values()):
+            if server.timer is not None:
+                server.timer.cancel()
+                server.timer = None
+        connection, self._kept = self._kept, None
+        if connection is not None:
+            await self._put_back(connection)
 
     async def _send_many(self, server: _Server, batch: list[_Waiter]) -> list[Any]:
         """Several commands as one non-transactional pipeline to the batch's server."""
