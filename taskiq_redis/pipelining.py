@@ -11,9 +11,10 @@ So commands travel in *lanes*. A lane is a task that sends, over one pooled conn
 time, every command queued so far for its server (one alone, several as one pipeline), hands
 each caller its own reply or error, and repeats while commands are queued. A command issued
 while no lane runs for its server goes straight out in its caller's task (the cost of plain
-redis-py); one issued while lanes run waits for the lane that is about to pick up the queue,
-or starts one when none is and both the lane cap and the pool allow it. So a slow round trip
-delays only its own lane, and the lanes never hold more connections than the pool has free.
+redis-py); one issued while lanes run waits for the next lane to come back, and if none is
+back within PATIENCE a new lane takes it, as far as the lane cap and the pool's free
+connections allow. So a slow round trip delays only its own lane, and the lanes never hold
+more connections than the pool has free.
 
 Servers are the single node or sentinel primary, or each cluster node for commands whose keys
 name one slot. A command redis-py sends to several nodes (SCRIPT LOAD, SCRIPT EXISTS, anything
