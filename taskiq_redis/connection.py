@@ -109,12 +109,13 @@ class RedisConnection:
         Connections to the old primary, idle or in use (a blocking read, a kept connection),
         are closed; their commands are retried on the new primary by the reconnect retry.
         """
+        assert isinstance(self.client, Redis)
         pool = self.client.connection_pool
         assert isinstance(pool, SentinelConnectionPool)
         primary = None
         while True:
             try:
-                named = await pool.get_master_address()
+                named = await pool.get_master_address()  # type: ignore[no-untyped-call]
             except (redis_errors.RedisError, OSError) as error:
                 logger.debug("Asking the sentinels for the primary failed: %s", describe(error))
                 named = primary

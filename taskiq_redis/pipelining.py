@@ -26,6 +26,7 @@ never join one either: they would hold the batch until they return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from redis.exceptions import (
     MaxConnectionsError,
     MovedError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 
@@ -266,10 +268,9 @@ class AutoPipeline:
 
     async def _put_back(self, connection: Any) -> None:
         assert self._holder is not None
-        try:
+        # KeyError: the pool was reset (closed) meanwhile and forgot the connection.
+        with contextlib.suppress(KeyError):
             await self._holder.connection_pool.release(connection)
-        except KeyError:  # the pool was reset (closed) meanwhile and forgot the connection
-            pass
 
     async def close(self) -> None:
         """Give the kept connection back before the pool closes."""
@@ -311,14 +312,11 @@ class AutoPipeline:
             for args, options, _ in batch:
                 try:
                     replies.append(await node.parse_response(connection, args[0], **options))
-                except (ConnectionError, TimeoutError, OSError):
-                    raise
-                except RedisError as error:
-                    if isinstance(error, (ConnectionError, TimeoutError)):
-                        raise
+                except ResponseError as error:  # this command's own error
                     replies.append(error)
-        except (RedisError, OSError):
-            await connection.disconnect()
+        except Exception:  # the connection failed: what has no reply yet is resent below
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
         finally:
             node.release(connection)
         for index, (args, options, _) in enumerate(batch):

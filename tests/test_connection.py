@@ -269,7 +269,7 @@ async def test_a_small_command_beside_a_64_mb_read_waits_no_longer_than_plain_re
         ours_times, plain_times = [], []
         await ours.execute("PING")
         await plain.execute_command("PING")  # type: ignore[no-untyped-call]
-        for _ in range(5):  # alternated, so both see the same machine load
+        for _ in range(7):  # alternated, so both see the same machine load
             ours_times.append(await latency(ours.execute))
             plain_times.append(await latency(plain.execute_command))
         ours_ms = statistics.median(ours_times) * 1000

@@ -45,6 +45,7 @@ async def test_concurrent_commands_share_round_trips_and_keep_their_replies(
     conn: connection.RedisConnection, pipelines: list[int], unique: str
 ) -> None:
     keys = [f"{unique}:{n}" for n in range(200)]
+    await conn.execute("SET", f"{unique}:first", 1)  # a cluster client has its slot table now
     await asyncio.gather(*(conn.execute("SET", key, key) for key in keys))
     values = await asyncio.gather(*(conn.execute("GET", key) for key in keys))
     assert values == [key.encode() for key in keys]

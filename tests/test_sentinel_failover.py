@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -52,8 +53,8 @@ class Deployment:
         return redis.Redis(port=self.ports["sentinel"], decode_responses=True)
 
     def named_primary(self) -> int:
-        _, port = self.sentinel().sentinel_get_master_addr_by_name(NAME)
-        return int(port)
+        address: Any = self.sentinel().sentinel_get_master_addr_by_name(NAME)
+        return int(address[1])
 
 
 def wait_until(check: object, timeout: float = 20.0) -> None:
@@ -90,7 +91,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
                 f"sentinel failover-timeout {NAME} 5000",
             ],
         )
-        wait_until(lambda: servers.sentinel().sentinel_master(NAME)["num-slaves"] == 1)
+        wait_until(lambda: cast(Any, servers.sentinel().sentinel_master(NAME))["num-slaves"] == 1)
         yield servers
     finally:
         servers.stop()
@@ -127,7 +128,11 @@ async def test_a_long_lived_producer_follows_the_new_primary(
             deployment.procs[name].kill()
         else:
             # Refused (NOGOODSLAVE) until the sentinel has heard from the replica recently.
-            wait_until(lambda: deployment.sentinel().execute_command("SENTINEL", "FAILOVER", NAME))
+            wait_until(
+                lambda: deployment.sentinel().execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "FAILOVER", NAME
+                )
+            )
         wait_until(lambda: deployment.named_primary() != old)
         new = deployment.named_primary()
         await kicks_work_again(broker, queue, new)
