@@ -92,9 +92,13 @@ class RedisConnection:
 
     async def close(self) -> None:
         """Close every socket this connection opened (pools, sentinel links)."""
+        self._unwatched = False
         if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+            watch, self._watch = self._watch, None
+            watch.cancel()
+            # Bounded: redis-py's sentinel lookup can swallow a cancellation; the loop then
+            # ends by itself, seeing that the watch is no longer this connection's.
+            await asyncio.wait({watch}, timeout=1.0)
         await self._pipeline.close()
         for closer in self._closers:
             await closer()
@@ -113,7 +117,8 @@ class RedisConnection:
         pool = self.client.connection_pool
         assert isinstance(pool, SentinelConnectionPool)
         primary = None
-        while True:
+        me = asyncio.current_task()
+        while self._watch is me:
             try:
                 named = await pool.get_master_address()  # type: ignore[no-untyped-call]
             except (redis_errors.RedisError, OSError) as error:
