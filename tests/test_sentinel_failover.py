@@ -22,7 +22,7 @@ NAME = "failover-test"
 # How long the sentinel waits before it calls a silent primary down; kicks must work again
 # within a few seconds after it names the new one.
 DOWN_AFTER_MS = 1000
-RECOVERY = 5.0
+RECOVERY = 8.0
 
 
 class Deployment:
@@ -101,15 +101,17 @@ async def kicks_work_again(broker: ListQueueSentinelBroker, queue: str, primary:
     """Seconds until a kick lands on ``primary``; every kick before it may fail."""
     started = time.monotonic()
     client = redis.Redis(port=primary)
+    last: BaseException | None = None
     while True:
         try:
             await broker.kick(BrokerMessage(task_id="t", task_name="t", message=b"m", labels={}))
             if client.llen(queue) > 0:
                 client.delete(queue)
                 return time.monotonic() - started
-        except (redis.RedisError, OSError):
-            pass
-        assert time.monotonic() - started < RECOVERY, "kicks did not reach the new primary"
+        except (redis.RedisError, OSError) as error:
+            last = error
+        waited = time.monotonic() - started
+        assert waited < RECOVERY, f"no kick reached port {primary} in {waited:.1f} s; last: {last}"
         await asyncio.sleep(0.05)
 
 
