@@ -9,6 +9,7 @@ so routing (cluster slots, sentinel failover) stays redis-py's job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 
+from taskiq_redis.diagnostics import describe, server_message
 from taskiq_redis.pipelining import AutoPipeline
 
 if TYPE_CHECKING:
@@ -26,6 +29,14 @@ if TYPE_CHECKING:
     Client: TypeAlias = "Redis | RedisCluster"
 
 Topology = Literal["single", "cluster", "sentinel"]
+
+logger = logging.getLogger("taskiq.redis")
+
+# How often a sentinel connection asks the sentinels which server is the primary. redis-py asks
+# only when it opens a connection, and a demoted primary keeps taking writes on the connections
+# already open until the sentinels reconfigure it (8 s after SENTINEL FAILOVER): writes that
+# the new primary never sees.
+PRIMARY_CHECK = 0.5
 
 
 class RedisConnection:
@@ -46,18 +57,14 @@ class RedisConnection:
         master_name: str | None = None,
     ) -> None:
         self.client = client
-        lone = client
-        if isinstance(client, Redis):
-            # One pinned connection for lone commands skips the pool's lock, timer and
-            # bookkeeping on every call; blocking reads and batches still use the pool.
-            lone = Redis(connection_pool=client.connection_pool, single_connection_client=True)
-            closers = [lone.aclose, *closers]
-        self._pipeline = AutoPipeline(client, lone)
+        self._pipeline = AutoPipeline(client)
         self.topology: Topology = topology
         self.pool = pool
         self.sentinel = sentinel
         self.master_name = master_name
         self._closers = closers
+        self._unwatched = sentinel is not None  # the primary watch starts with the first call
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def is_cluster(self) -> bool:
@@ -67,19 +74,124 @@ class RedisConnection:
     async def execute(self, *args: Any, **options: Any) -> Any:
         """Send one command and return redis-py's parsed reply.
 
-        Commands issued concurrently in one event-loop tick share a round trip (see
-        :mod:`pipelining`); blocking commands are always sent on their own.
+        Commands issued while others are under way share round trips (see :mod:`pipelining`);
+        blocking commands are always sent on their own.
         """
-        return await self._pipeline.execute(*args, **options)
+        if self._unwatched:
+            self._start_watch()
+        try:
+            return await self._pipeline.execute(*args, **options)
+        except FINAL_ERRORS as error:
+            raise explained(error) from None
 
     def pubsub(self) -> PubSub:
         """A pub/sub session; on a cluster it follows the nodes that own the channels."""
+        if self._unwatched:
+            self._start_watch()
         return self.client.pubsub()
 
     async def close(self) -> None:
         """Close every socket this connection opened (pools, sentinel links)."""
+        self._unwatched = False
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            watch.cancel()
+            # Bounded: redis-py's sentinel lookup can swallow a cancellation; the loop then
+            # ends by itself, seeing that the watch is no longer this connection's.
+            await asyncio.wait({watch}, timeout=1.0)
+        await self._pipeline.close()
         for closer in self._closers:
             await closer()
+
+    def _start_watch(self) -> None:
+        self._unwatched = False
+        self._watch = asyncio.ensure_future(self._follow_primary())
+
+    async def _follow_primary(self) -> None:
+        """Move every connection to the primary the sentinels name, as soon as they name it.
+
+        Connections to the old primary, idle or in use (a blocking read, a kept connection),
+        are closed; their commands are retried on the new primary by the reconnect retry.
+        """
+        assert isinstance(self.client, Redis)
+        pool = self.client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        primary = None
+        me = asyncio.current_task()
+        while self._watch is me:
+            try:
+                named = await pool.get_master_address()  # type: ignore[no-untyped-call]
+            except (redis_errors.RedisError, OSError) as error:
+                logger.debug("Asking the sentinels for the primary failed: %s", describe(error))
+                named = primary
+            if primary is not None and named != primary:
+                logger.warning(
+                    "The sentinels name %s:%s the primary of %r (was %s:%s); reconnecting",
+                    *named,
+                    self.master_name,
+                    *primary,
+                )
+                await self._pipeline.close()
+                await pool.disconnect(inuse_connections=True)
+            primary = named
+            await asyncio.sleep(PRIMARY_CHECK)
+
+
+# Errors that retrying cannot fix: redis-py's AuthenticationError and AuthorizationError are
+# ConnectionErrors, so a plain retry on ConnectionError would retry a wrong password.
+FINAL_ERRORS: tuple[type[redis_errors.RedisError], ...] = (
+    redis_errors.AuthenticationError,
+    redis_errors.AuthorizationError,
+    redis_errors.AuthenticationWrongNumberOfArgsError,
+    redis_errors.NoPermissionError,
+)
+
+_ADVICE = {
+    redis_errors.NoPermissionError: (
+        "grant this Redis user the commands and key patterns listed in the README's ACL "
+        "section (every part of taskiq-redis needs +@scripting)"
+    ),
+}
+_AUTH_ADVICE = (
+    "check the username and password in the Redis URL (or the username/password arguments) "
+    "against the server's ACL; retrying cannot fix this"
+)
+_EXPLAINED = "; taskiq-redis: "
+
+
+def explained(error: redis_errors.RedisError) -> redis_errors.RedisError:
+    """``error``, same class, with the server's words and what to do about it."""
+    message = server_message(error)
+    if _EXPLAINED not in message:
+        advice = next(
+            (text for kind, text in _ADVICE.items() if isinstance(error, kind)), _AUTH_ADVICE
+        )
+        error.args = (f"{message}{_EXPLAINED}{advice}", *error.args[1:])
+    return error
+
+
+class _Reconnect(Retry):
+    """redis-py's Retry, except for :data:`FINAL_ERRORS`, which are raised at once."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *more: Any, **options: Any) -> Any:
+        async def attempt() -> Any:
+            try:
+                return await do()
+            except FINAL_ERRORS as error:
+                raise _Final(error) from None
+
+        try:
+            return await super().call_with_retry(attempt, fail, *more, **options)
+        except _Final as final:
+            raise final.error from None
+
+
+class _Final(Exception):
+    """Carries a final error past the retry loop, which would retry any ConnectionError."""
+
+    def __init__(self, error: redis_errors.RedisError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def with_reconnect(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -87,12 +199,23 @@ def with_reconnect(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
 
     redis-py gives pooled connections no retries, so after a restart the first command on
     every stale connection would fail. Only connection errors are retried, with a short
-    backoff; a caller's own ``retry`` wins.
+    backoff, and never those retrying cannot fix (:data:`FINAL_ERRORS`); a caller's own
+    ``retry`` wins.
     """
     if "retry" in connection_kwargs or "retry_on_error" in connection_kwargs:
         return connection_kwargs
     backoff = ExponentialBackoff(cap=1.0, base=0.05)
-    return {**connection_kwargs, "retry": Retry(backoff, 3, (redis_errors.ConnectionError,))}
+    retry = _Reconnect(backoff, 3, (redis_errors.ConnectionError,))
+    return {**connection_kwargs, "retry": retry}
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The sentinel's primary pool, waiting for a free connection as the single-node pool does.
+
+    redis-py's SentinelConnectionPool raises "Too many connections" once ``max_connections``
+    are in use; blocking reads, pub/sub and command lanes share the pool, so under a small
+    limit a command would fail instead of waiting its turn.
+    """
 
 
 def single_node(
@@ -131,15 +254,21 @@ def sentinel(
     **connection_kwargs: Any,
 ) -> RedisConnection:
     """The primary that the sentinels name ``master_name``; it is looked up again on failover."""
+    # The pool size goes to the primary's pool alone, not to the links to the sentinels.
+    size = connection_kwargs.pop("max_connections", None)
     if max_connection_pool_size is not None:
-        connection_kwargs["max_connections"] = max_connection_pool_size
+        size = max_connection_pool_size
     watcher = Sentinel(  # type: ignore[no-untyped-call]
         sentinels,
         min_other_sentinels=min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs,
         **with_reconnect(connection_kwargs),
     )
-    client = watcher.master_for(master_name)
+    client = watcher.master_for(
+        master_name,
+        connection_pool_class=BlockingSentinelPool,
+        max_connections=size,
+    )
     closers: list[Callable[[], Awaitable[None]]] = [client.aclose]
     closers += [link.aclose for link in watcher.sentinels]
     return RedisConnection(client, "sentinel", closers, sentinel=watcher, master_name=master_name)

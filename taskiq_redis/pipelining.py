@@ -1,23 +1,48 @@
-"""Automatic pipelining: commands issued while a round trip is under way share the next one.
+"""Automatic pipelining in lanes: batching under load, without head-of-line blocking.
 
 Under load a worker issues many small commands at once (acks, results, kicks from many
 coroutines). Sent one by one, each waits a full network round trip; gathered into one
-non-transactional pipeline they cost one round trip for the batch. A command issued while
-nothing is in flight (the usual case at low load) goes straight out, so batching never adds
-latency to a lone caller; under load each round trip carries everything that arrived during
-the previous one.
+non-transactional pipeline they cost one round trip for the batch. Batching must not cost what
+a single round trip in flight for everything cost before: a slow reply (a 64 MB GET, a paused
+cluster node) stalled every command behind it, a cancelled caller's command was still sent, and
+the extra pinned connection deadlocked small pools.
 
-Blocking commands (BRPOP, XREADGROUP ... BLOCK) never join a batch: they would hold every other
-command of the batch until they return.
+So commands travel in *lanes*. A lane is a task that sends, over one pooled connection at a
+time, every command queued so far for its server (one alone, several as one pipeline), hands
+each caller its own reply or error, and repeats while commands are queued. A command issued
+while no lane runs for its server goes straight out in its caller's task (the cost of plain
+redis-py); one issued while lanes run waits for the next lane to come back, and if none is
+back within PATIENCE a new lane takes it, as far as the lane cap and the pool's free
+connections allow. So a slow round trip delays only its own lane, and the lanes never hold
+more connections than the pool has free.
+
+Servers are the single node or sentinel primary, or each cluster node for commands whose keys
+name one slot. A command redis-py sends to several nodes (SCRIPT LOAD, SCRIPT EXISTS, anything
+routed to all primaries), or without a key, never joins a batch: redis-py refuses a cluster
+pipeline holding one, failing every command beside it. Blocking commands (BRPOP, XREADGROUP)
+never join one either: they would hold the batch until they return.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MaxConnectionsError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
 if TYPE_CHECKING:
-    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio.cluster import ClusterNode
 
 _Waiter = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 
@@ -26,74 +51,303 @@ BLOCKING_COMMANDS = frozenset(
     | {"XREAD", "XREADGROUP", "WAIT", "WAITAOF"}
 )
 
+# Lanes per server at most, and how long a round trip may take before commands queued behind
+# it start another lane. Under load each extra lane costs throughput (more, smaller round
+# trips on a CPU-bound client: stream receive+ack at concurrency 50 ran at 1.19x redis-py with
+# one lane, 0.67x with up to four started freely), so a second lane starts only for a slow
+# round trip (a 64 MB reply, a paused server). See the README's "design: lanes".
+LANE_CAP = 4
+PATIENCE = 0.02
+
+# How long a cluster command waits for a free connection to its node before redis-py's
+# "Too many connections" reaches the caller (BlockingConnectionPool's default wait).
+POOL_WAIT = 20.0
+
+# Errors after which a cluster node's batch is resent one command at a time through
+# RedisCluster.execute_command, which follows redirections and refreshes the slot table.
+_REROUTE = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+
+class _Server:
+    """The commands queued for one server and the lanes sending them."""
+
+    __slots__ = ("collecting", "lanes", "latest", "node", "timer", "waiting")
+
+    def __init__(self, node: ClusterNode | None) -> None:
+        self.node = node
+        self.waiting: list[_Waiter] = []
+        self.lanes = 0  # lanes running, including callers sending their own command
+        self.collecting = False  # a lane is started and has not taken the queue yet
+        self.latest = 0.0  # when the most recent round trip began
+        self.timer: asyncio.TimerHandle | None = None  # to start a lane if none comes back
+
 
 class AutoPipeline:
-    """Sends the commands of one client, one round trip at a time, batching under load.
+    """Sends one client's commands in lanes (see the module docstring)."""
 
-    ``lone`` sends a command that travels alone (a client pinned to one connection, where the
-    topology allows it); ``client`` sends blocking commands and batches.
-    """
-
-    def __init__(self, client: Redis | RedisCluster, lone: Redis | RedisCluster) -> None:
+    def __init__(self, client: Redis | RedisCluster) -> None:
         self._client = client
-        self._lone = lone
-        self._busy = False  # a round trip is under way
-        self._waiting: list[_Waiter] = []  # commands for the next round trip
-        self._sending: set[asyncio.Future[None]] = set()
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._single = _Server(None)
+        self._nodes: dict[str, _Server] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # The lone-command path of a single node or sentinel primary: a client of the same
+        # pool that sends on the connection it is given, and the connection it keeps while
+        # calls follow each other without a pause (one task awaiting command after command).
+        # Taking a connection from a BlockingConnectionPool costs ~35 us (lock, timer, health
+        # check); the connection goes back to the pool as soon as the event loop gets round
+        # to it with no command in between, so the pool never waits on an idle one.
+        self._holder: Redis | None = None
+        self._kept: Any = None
+        if isinstance(client, Redis):
+            self._holder = Redis(connection_pool=client.connection_pool)
 
     async def execute(self, *args: Any, **options: Any) -> Any:
         """Send one command; its reply, or its error, is this call's alone."""
-        if str(args[0]).upper() in BLOCKING_COMMANDS:
-            return await self._client.execute_command(*args, **options)
-        if self._busy:
-            waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._waiting.append((args, options, waiter))
-            return await waiter
-        self._busy = True
+        server = await self._server_for(args)
+        if server is None:
+            return await self._direct(args, options)
+        if server.lanes == 0 and self._free(server) > 0:
+            server.lanes += 1
+            server.latest = time.monotonic()
+            try:
+                return await self._send_one(server, args, options)
+            finally:
+                server.lanes -= 1
+                self._pick_up(server)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        server.waiting.append((args, options, waiter))
+        if not server.collecting:
+            if server.lanes == 0:
+                self._start_lane(server)
+            elif server.lanes < LANE_CAP and server.timer is None:
+                # A lane that began its round trip just now picks this up when it is back;
+                # one that began PATIENCE ago may be stuck, so another lane starts then.
+                wait = max(0.0, server.latest + PATIENCE - time.monotonic())
+                server.timer = loop.call_later(wait, self._overdue, server)
+        return await waiter
+
+    def _overdue(self, server: _Server) -> None:
+        """Commands have waited PATIENCE with no lane back to take them: start another."""
+        server.timer = None
+        if (
+            server.waiting
+            and not server.collecting
+            and server.lanes < LANE_CAP
+            and self._free(server) > 0
+        ):
+            self._start_lane(server)
+
+    async def _server_for(self, args: tuple[Any, ...]) -> _Server | None:
+        """The server whose lanes send this command; None for one sent on its own."""
+        name = str(args[0]).upper()
+        if name in BLOCKING_COMMANDS:
+            return None
+        cluster = self._cluster
+        if cluster is None:
+            return self._single
+        if cluster._initialize or cluster.command_flags.get(name):
+            return None  # redis-py initialises the cluster, or sends it to a group of nodes
         try:
-            return await self._lone.execute_command(*args, **options)
+            slot = await cluster._determine_slot(*args)
+            node = cluster.nodes_manager.get_node_from_slot(slot)
+        except RedisError:  # no key, keys in several slots, no slot table yet
+            return None
+        server = self._nodes.get(node.name)
+        if server is None:
+            server = self._nodes[node.name] = _Server(node)
+        server.node = node
+        return server
+
+    def _free(self, server: _Server) -> int:
+        """How many connections the server's pool can hand out without waiting."""
+        node = server.node
+        if node is None:
+            pool = self._client.connection_pool  # type: ignore[union-attr]
+            kept = self._kept is not None  # in use by the pool's count, but ours to take
+            try:
+                return int(pool.max_connections) - len(pool._in_use_connections) + kept
+            except (AttributeError, TypeError):
+                return 1
+        try:
+            return int(node.max_connections) - len(node._connections) + len(node._free)
+        except (AttributeError, TypeError):
+            return 1
+
+    def _start_lane(self, server: _Server) -> None:
+        server.lanes += 1
+        server.collecting = True
+        task = asyncio.ensure_future(self._lane(server))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pick_up(self, server: _Server) -> None:
+        """After a lane ends: start one for commands that queued with no lane to take them."""
+        if server.waiting and not server.collecting:
+            self._start_lane(server)
+
+    async def _lane(self, server: _Server) -> None:
+        """Send what is queued, round trip after round trip, until nothing is."""
+        try:
+            while server.waiting:
+                # A caller cancelled before its command was sent never has it sent.
+                batch = [waiter for waiter in server.waiting if not waiter[2].done()]
+                server.waiting = []
+                server.collecting = False
+                if batch:
+                    server.latest = time.monotonic()
+                    await self._round_trip(server, batch)
         finally:
-            self._next_round_trip()
+            server.collecting = False
+            server.lanes -= 1
+            self._pick_up(server)
 
-    def _next_round_trip(self) -> None:
-        """Send what gathered during the round trip that just ended, or become idle."""
-        if not self._waiting:
-            self._busy = False
-            return
-        batch, self._waiting = self._waiting, []
-        # A task of its own, so cancelling one caller never strands the others' replies.
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[_Waiter]) -> None:
-        """One round trip for the batch; every waiter gets its reply or its own error."""
+    async def _round_trip(self, server: _Server, batch: list[_Waiter]) -> None:
+        """One round trip for the batch; every caller gets its reply or its own error."""
+        replies: list[Any]
         try:
-            replies = await self._round_trip(batch)
-        except BaseException as error:  # the connection failed: every waiter learns why
+            if len(batch) == 1:
+                args, options, _ = batch[0]
+                try:
+                    replies = [await self._send_one(server, args, options)]
+                except Exception as error:  # a reply error belongs to its caller alone
+                    replies = [error]
+            else:
+                replies = await self._send_many(server, batch)
+        except BaseException as error:  # the lane itself was cancelled or failed
             replies = [error] * len(batch)
             if not isinstance(error, Exception):
+                _deliver(batch, replies)
                 raise
-        finally:
-            for (_, _, waiter), reply in zip(batch, replies, strict=True):
-                if waiter.done():
-                    continue
-                if isinstance(reply, BaseException):
-                    waiter.set_exception(reply)
-                else:
-                    waiter.set_result(reply)
-            self._next_round_trip()
+        _deliver(batch, replies)
 
-    async def _round_trip(self, batch: list[_Waiter]) -> list[Any]:
-        """A lone command as itself (a pipeline costs more), several as one pipeline."""
-        if len(batch) == 1:
-            args, options, _ = batch[0]
+    async def _direct(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """A command sent on its own, waiting for a cluster connection like a blocking pool."""
+        deadline = time.monotonic() + POOL_WAIT
+        while True:
             try:
-                return [await self._lone.execute_command(*args, **options)]
-            except Exception as error:  # a reply error belongs to its caller alone
-                return [error]
-        pipe = self._client.pipeline(transaction=False)
-        for args, options, _ in batch:
-            pipe.execute_command(*args, **options)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+                return await self._client.execute_command(*args, **options)
+            except MaxConnectionsError:
+                if self._cluster is None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.005)
+
+    async def _send_one(
+        self, server: _Server, args: tuple[Any, ...], options: dict[str, Any]
+    ) -> Any:
+        if server.node is not None:
+            return await self._direct(args, options)
+        holder = self._holder
+        if holder is None or holder.connection is not None:  # the holder is in use
+            return await self._client.execute_command(*args, **options)
+        connection, self._kept = self._kept, None
+        if connection is None:
+            connection = await holder.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        holder.connection = connection
+        try:
+            return await holder.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        finally:
+            holder.connection = None
+            if self._kept is None:
+                self._kept = connection
+                asyncio.get_running_loop().call_soon(self._give_back, connection)
+            else:
+                self._release(connection)
+
+    def _give_back(self, connection: Any) -> None:
+        """Return the kept connection to the pool unless a command took it meanwhile."""
+        if self._kept is connection:
+            self._kept = None
+            self._release(connection)
+
+    def _release(self, connection: Any) -> None:
+        task = asyncio.ensure_future(self._put_back(connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _put_back(self, connection: Any) -> None:
+        assert self._holder is not None
+        # KeyError: the pool was reset (closed) meanwhile and forgot the connection.
+        with contextlib.suppress(KeyError):
+            await self._holder.connection_pool.release(connection)
+
+    async def close(self) -> None:
+        """Give the kept connection back before the pool closes."""
+        for server in (self._single, *self._nodes.values()):
+            if server.timer is not None:
+                server.timer.cancel()
+                server.timer = None
+        connection, self._kept = self._kept, None
+        if connection is not None:
+            await self._put_back(connection)
+
+    async def _send_many(self, server: _Server, batch: list[_Waiter]) -> list[Any]:
+        """Several commands as one non-transactional pipeline to the batch's server."""
+        node = server.node
+        if node is None:
+            pipe = self._client.pipeline(transaction=False)
+            for args, options, _ in batch:
+                pipe.execute_command(*args, **options)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        return await self._send_to_node(node, batch)
+
+    async def _send_to_node(self, node: ClusterNode, batch: list[_Waiter]) -> list[Any]:
+        """A batch for one cluster node on one of its connections.
+
+        redis-py's cluster pipeline closes every connection of the client when one node fails,
+        which would fail the other nodes' lanes too; here a failed batch is resent command by
+        command through ``RedisCluster.execute_command`` (redirections, slot refresh, retries).
+        """
+        assert self._cluster is not None
+        connection = await self._acquire(node)
+        replies: list[Any] = []
+        try:
+            if getattr(connection, "should_reconnect", lambda: False)():
+                await connection.disconnect()
+            await connection.send_packed_command(
+                connection.pack_commands(args for args, _, _ in batch)
+            )
+            for args, options, _ in batch:
+                try:
+                    replies.append(await node.parse_response(connection, args[0], **options))
+                except ResponseError as error:  # this command's own error
+                    replies.append(error)
+        except Exception:  # the connection failed: what has no reply yet is resent below
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+        finally:
+            node.release(connection)
+        for index, (args, options, _) in enumerate(batch):
+            if index >= len(replies) or isinstance(replies[index], _REROUTE):
+                try:
+                    reply = await self._direct(args, options)
+                except Exception as error:
+                    reply = error
+                if index >= len(replies):
+                    replies.append(reply)
+                else:
+                    replies[index] = reply
         return replies
+
+    async def _acquire(self, node: ClusterNode) -> Any:
+        """A connection to ``node``, waiting while its pool is exhausted."""
+        deadline = time.monotonic() + POOL_WAIT
+        while True:
+            try:
+                return node.acquire_connection()
+            except MaxConnectionsError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.005)
+
+
+def _deliver(batch: list[_Waiter], replies: list[Any]) -> None:
+    for (_, _, waiter), reply in zip(batch, replies, strict=True):
+        if waiter.done():
+            continue
+        if isinstance(reply, BaseException):
+            waiter.set_exception(reply)
+        else:
+            waiter.set_result(reply)

@@ -17,8 +17,9 @@ from functools import cache
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
+from taskiq_redis.diagnostics import server_message
 from taskiq_redis.exceptions import ScriptError
 
 if TYPE_CHECKING:
@@ -116,14 +117,23 @@ async def run(
     keys: Sequence[str | bytes],
     args: Sequence[EncodableT] = (),
 ) -> Any:
-    """Run ``script`` by EVALSHA, loading it and retrying once when the server answers NOSCRIPT."""
+    """Run ``script`` by EVALSHA, loading it and retrying once when the server answers NOSCRIPT.
+
+    An error the server reports for the script keeps its class (callers catch ResponseError or
+    look for NOGROUP), and reads ``script <name>: <the server's message>``, without the sha and
+    line that Redis wraps around it.
+    """
     script.check_keys(keys)
     command = ("EVALSHA", script.sha1, len(keys), *keys, *args)
     try:
-        return await connection.execute(*command)
-    except NoScriptError:
-        await load(connection, [script])
-        return await connection.execute(*command)
+        try:
+            return await connection.execute(*command)
+        except NoScriptError:
+            await load(connection, [script])
+            return await connection.execute(*command)
+    except ResponseError as error:
+        error.args = (f"script {script.name}: {server_message(error)}", *error.args[1:])
+        raise
 
 
 async def load(connection: RedisConnection, scripts: Iterable[Script]) -> None:

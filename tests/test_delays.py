@@ -227,7 +227,8 @@ async def test_a_mover_failure_is_logged_and_loses_nothing(
         await mover.stop()
         assert await conn.execute("ZCARD", keys.delayed_key(queue)) == 1
         assert (
-            "Moving due delayed messages failed; retrying: ResponseError: WRONGTYPE" in caplog.text
+            "Moving due delayed messages failed; retrying: "
+            "ResponseError: script delay_move: WRONGTYPE" in caplog.text
         )
     finally:
         await conn.close()

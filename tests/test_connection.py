@@ -1,0 +1,386 @@
+"""The connection layer's contract, on real servers (see the README's "design: lanes").
+
+A command waits only for what shares its connection; a caller cancelled before its command was
+sent never has it sent; the pool size the user gave is the most connections used, and 1 or 2
+never deadlock; commands for several cluster nodes never join a batch; errors that retrying
+cannot fix are raised at once, saying what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from taskiq import AckableMessage, BrokerMessage, TaskiqMessage, TaskiqResult
+from taskiq.abc.broker import AsyncBroker
+
+from taskiq_redis import (
+    ListQueueBroker,
+    ListQueueClusterBroker,
+    ListQueueSentinelBroker,
+    RedisAsyncClusterResultBackend,
+    RedisAsyncResultBackend,
+    RedisAsyncSentinelResultBackend,
+    RedisStreamBroker,
+    RedisStreamClusterBroker,
+    RedisStreamSentinelBroker,
+    connection,
+    keys,
+    scripts,
+)
+from taskiq_redis.result_backend import BaseRedisResultBackend
+from tests.servers import AsyncRedisClient, RedisServers, Topology
+
+# A hang guard only: a deadlocked pool fails the test instead of blocking the suite.
+PATIENCE = 20.0
+
+# Keeps the server busy for about 0.3 s: a command that the lane holding the only connection
+# is waiting for. The key only routes it to the right cluster node.
+BUSY_SCRIPT = """
+local start = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > tonumber(ARGV[1])
+return 1
+"""
+
+
+def pool_kwargs(topology: Topology, size: int) -> dict[str, Any]:
+    """How each public class takes a pool size (1.2's parameter names)."""
+    if topology.name == "cluster":
+        return {"max_connections": size}
+    return {"max_connection_pool_size": size}
+
+
+def make_backend(topology: Topology, size: int, **options: Any) -> BaseRedisResultBackend[Any]:
+    if topology.name == "single":
+        return RedisAsyncResultBackend(topology.url, max_connection_pool_size=size, **options)
+    if topology.name == "cluster":
+        return RedisAsyncClusterResultBackend(topology.url, max_connections=size, **options)
+    return RedisAsyncSentinelResultBackend(**topology.kwargs(), max_connections=size, **options)
+
+
+def make_broker(topology: Topology, kind: str, size: int, queue: str) -> AsyncBroker:
+    classes = {
+        "list": (ListQueueBroker, ListQueueClusterBroker, ListQueueSentinelBroker),
+        "stream": (RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker),
+    }[kind]
+    chosen = topology.pick(single=classes[0], cluster=classes[1], sentinel=classes[2])
+    options: dict[str, Any] = {"queue_name": queue, "max_connection_pool_size": size}
+    if kind == "stream":
+        options["xread_block"] = 1000
+    broker: AsyncBroker = chosen(**topology.kwargs(), **options)
+    return broker
+
+
+def task_message(n: int) -> TaskiqMessage:
+    return TaskiqMessage(task_id=str(n), task_name="t", labels={}, args=[], kwargs={})
+
+
+def result(value: int) -> TaskiqResult[int]:
+    return TaskiqResult(is_err=False, return_value=value, execution_time=0.1)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+async def test_small_pools_serve_fifty_concurrent_result_callers(
+    topology: Topology, unique: str, size: int
+) -> None:
+    backend = make_backend(topology, size, keep_results=False)
+    await backend.startup()
+    try:
+        ids = [f"{unique}-{n}" for n in range(50)]
+
+        async def round_trip(task_id: str, value: int) -> int:
+            await backend.set_result(task_id, result(value))
+            assert await backend.is_result_ready(task_id)
+            got = await backend.get_result(task_id)
+            return int(got.return_value)
+
+        values = await asyncio.wait_for(
+            asyncio.gather(*(round_trip(task_id, n) for n, task_id in enumerate(ids))),
+            PATIENCE,
+        )
+        assert values == list(range(50))
+    finally:
+        await backend.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["list", "stream"])
+@pytest.mark.parametrize("size", [1, 2])
+async def test_small_pools_serve_fifty_concurrent_kicks(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str, kind: str, size: int
+) -> None:
+    queue = f"queue-{unique}"
+    broker = make_broker(topology, kind, size, queue)
+    await broker.startup()
+    try:
+        kicks = (
+            broker.kick(BrokerMessage(task_id=str(n), task_name="t", message=b"m", labels={}))
+            for n in range(50)
+        )
+        await asyncio.wait_for(asyncio.gather(*kicks), PATIENCE)
+        length = await (raw_redis.llen(queue) if kind == "list" else raw_redis.xlen(queue))
+        assert length == 50
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["list", "stream"])
+async def test_a_pool_of_two_serves_a_listening_worker_without_waiting_for_its_read(
+    topology: Topology, unique: str, kind: str
+) -> None:
+    """1.2's documented minimum for a worker: the blocking read holds one connection."""
+    queue = f"queue-{unique}"
+    broker = make_broker(topology, kind, 2, queue)
+    await broker.startup()
+    received: list[bytes] = []
+    got_ten = asyncio.Event()
+
+    async def listen() -> None:
+        async for message in broker.listen():
+            if isinstance(message, AckableMessage):
+                await message.ack()  # type: ignore[misc]
+                received.append(message.data)
+            else:
+                received.append(message)
+            if len(received) == 10:
+                got_ten.set()
+
+    listener = asyncio.create_task(listen())
+    try:
+        await asyncio.sleep(0.3)  # the listener is now inside its blocking read
+        messages = [broker.formatter.dumps(task_message(n)) for n in range(10)]
+        payloads = [message.message for message in messages]
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*map(broker.kick, messages)), PATIENCE)
+        took = time.monotonic() - started
+        # Waiting for the idle read would take its whole block time (1 s) at least.
+        assert took < 0.5, f"10 kicks took {took:.2f} s beside an idle blocking read"
+        await asyncio.wait_for(got_ten.wait(), PATIENCE)
+        assert sorted(received) == sorted(payloads)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await broker.shutdown()
+
+
+async def test_a_call_cancelled_before_it_was_sent_is_not_executed(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    backend = make_backend(topology, 1, keep_results=False)
+    await backend.startup()
+    try:
+        task_id = f"{unique}-kept"
+        await backend.set_result(task_id, result(7))
+        # The only connection is busy for 0.3 s, so the read below waits in the queue.
+        busy = asyncio.ensure_future(
+            backend._conn.execute("EVAL", BUSY_SCRIPT, 1, task_id, 300_000)
+        )
+        await asyncio.sleep(0.02)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(backend.get_result(task_id), 0.05)
+        assert await busy == 1
+        # The read was never sent: the result is still there for whoever asks next.
+        assert await raw_redis.exists(task_id) == 1
+        assert (await backend.get_result(task_id)).return_value == 7
+    finally:
+        await backend.shutdown()
+
+
+def node_keys(cluster: RedisCluster, unique: str, per_node: int) -> dict[str, list[str]]:
+    """Keys grouped by the cluster node that owns their slot."""
+    found: dict[str, list[str]] = {}
+    n = 0
+    while len(found) < 3 or min(len(keys) for keys in found.values()) < per_node:
+        key = f"{unique}:{n}"
+        node = cluster.get_node_from_key(key)
+        assert node is not None
+        found.setdefault(node.name, []).append(key)
+        n += 1
+    return found
+
+
+@pytest.mark.parametrize("topology", ["cluster"], indirect=True)
+async def test_a_paused_cluster_node_delays_only_its_own_commands(
+    topology: Topology, unique: str
+) -> None:
+    conn = connection.cluster(topology.url)
+    try:
+        await conn.execute("PING")
+        assert isinstance(conn.client, RedisCluster)
+        groups = node_keys(conn.client, unique, 20)
+        paused_name, *other_names = sorted(groups)
+        others = [key for name in other_names for key in groups[name][:20]]
+        await asyncio.gather(
+            *(conn.execute("SET", key, 1) for keys in groups.values() for key in keys)
+        )
+
+        host, port = paused_name.rsplit(":", 1)
+        pauser = Redis(host=host, port=int(port))
+        await pauser.execute_command("CLIENT", "PAUSE", 2000)  # type: ignore[no-untyped-call]
+        try:
+            stuck = [
+                asyncio.ensure_future(conn.execute("INCR", key)) for key in groups[paused_name][:20]
+            ]
+            await asyncio.sleep(0.05)
+            slowest = 0.0
+            for _ in range(5):
+                started = time.monotonic()
+                replies = await asyncio.gather(*(conn.execute("INCR", key) for key in others))
+                slowest = max(slowest, time.monotonic() - started)
+                assert all(isinstance(reply, int) for reply in replies)
+            assert slowest < 0.1, f"commands for other nodes waited {slowest * 1000:.0f} ms"
+            assert not any(task.done() for task in stuck), "the node was not paused"
+            assert await asyncio.wait_for(asyncio.gather(*stuck), PATIENCE) == [2] * 20
+        finally:
+            await pauser.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+            await pauser.aclose()
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
+async def test_a_small_command_beside_a_64_mb_read_waits_no_longer_than_plain_redis_py(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    big, small = f"{unique}:big", f"{unique}:small"
+    await raw_redis.set(big, b"x" * (64 * 1024 * 1024))
+    await raw_redis.set(small, 1)
+    ours = connection.single_node(topology.url)
+    plain_pool = BlockingConnectionPool.from_url(topology.url)
+    plain = Redis(connection_pool=plain_pool)
+
+    async def latency(execute: Callable[..., Any]) -> float:
+        reading = asyncio.ensure_future(execute("GET", big))
+        await asyncio.sleep(0.01)  # the big reply is on its way
+        started = time.monotonic()
+        assert await execute("EXISTS", small) == 1
+        took = time.monotonic() - started
+        assert len(await reading) == 64 * 1024 * 1024
+        return took
+
+    try:
+        ours_times, plain_times = [], []
+        await ours.execute("PING")
+        await plain.execute_command("PING")  # type: ignore[no-untyped-call]
+        for _ in range(7):  # alternated, so both see the same machine load
+            ours_times.append(await latency(ours.execute))
+            plain_times.append(await latency(plain.execute_command))
+        ours_ms = statistics.median(ours_times) * 1000
+        plain_ms = statistics.median(plain_times) * 1000
+        # 5 ms of slack: both are a few ms when the read does not hold the event loop.
+        assert ours_ms <= 1.5 * plain_ms + 5, f"ours {ours_ms:.1f} ms, redis-py {plain_ms:.1f} ms"
+    finally:
+        await raw_redis.delete(big)
+        await ours.close()
+        await plain.aclose()
+        await plain_pool.disconnect()
+
+
+@pytest.mark.parametrize("topology", ["cluster"], indirect=True)
+async def test_no_command_is_lost_when_every_node_forgot_the_scripts(
+    topology: Topology, redis_servers: RedisServers, unique: str
+) -> None:
+    """SCRIPT LOAD goes to every primary, so it must never share a batch with other commands."""
+    conn = connection.cluster(topology.url)
+    script = scripts.get("result_get")
+    try:
+        await conn.execute("PING")
+        assert isinstance(conn.client, RedisCluster)
+        result_keys = [f"{unique}:r{n}" for n in range(120)]
+        await asyncio.gather(*(conn.execute("SET", key, key) for key in result_keys))
+        for port in redis_servers.cluster_ports:
+            node = Redis(port=port)
+            await node.execute_command("SCRIPT", "FLUSH")  # type: ignore[no-untyped-call]
+            await node.aclose()
+        reads = [
+            scripts.run(conn, script, [key, keys.progress_key(key)], ["1"]) for key in result_keys
+        ]
+        others = [conn.execute("INCR", f"{unique}:c{n}") for n in range(120)]
+        outcomes = await asyncio.gather(*reads, *others, return_exceptions=True)
+        assert outcomes[:120] == [key.encode() for key in result_keys]
+        assert outcomes[120:] == [1] * 120
+        assert await conn.execute("EXISTS", *result_keys[:1]) == 0
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def acl_user(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str
+) -> AsyncIterator[str]:
+    """A user who may do anything but run scripts, with the password ``right``."""
+    name = f"user-{unique}"
+    await raw_redis.execute_command(
+        "ACL", "SETUSER", name, "on", ">right", "~*", "&*", "+@all", "-@scripting"
+    )
+    yield name
+    await raw_redis.execute_command("ACL", "DELUSER", name)
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
+async def test_a_wrong_password_is_not_retried_and_says_what_to_do(
+    topology: Topology, acl_user: str
+) -> None:
+    url = topology.url.replace("redis://", f"redis://{acl_user}:wrong@")
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(url)
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis_errors.AuthenticationError) as raised:
+            await backend.is_result_ready("any")
+        took = time.monotonic() - started
+        assert took < 0.3, f"the wrong password was retried for {took:.2f} s"
+        assert str(raised.value) == (
+            "invalid username-password pair or user is disabled.; taskiq-redis: check the "
+            "username and password in the Redis URL (or the username/password arguments) "
+            "against the server's ACL; retrying cannot fix this"
+        )
+    finally:
+        await backend.shutdown()
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
+async def test_a_user_without_scripting_is_told_what_to_grant(
+    topology: Topology, acl_user: str
+) -> None:
+    url = topology.url.replace("redis://", f"redis://{acl_user}:right@")
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(url)
+    started = time.monotonic()
+    with pytest.raises(redis_errors.NoPermissionError) as raised:
+        await backend.startup()
+    assert time.monotonic() - started < 0.3
+    assert str(raised.value) == (
+        "this user has no permissions to run the 'script|load' command; taskiq-redis: "
+        "grant this Redis user the commands and key patterns listed in the README's ACL "
+        "section (every part of taskiq-redis needs +@scripting)"
+    )
+    await backend.shutdown()
+
+
+async def test_a_script_error_names_the_script_and_keeps_its_class(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    conn = connection.cluster(topology.url) if topology.name == "cluster" else None
+    opened = conn or (
+        connection.single_node(topology.url)
+        if topology.name == "single"
+        else connection.sentinel(topology.sentinels, topology.master_name)
+    )
+    key = f"{unique}:list"
+    await raw_redis.rpush(key, "not a string")
+    try:
+        with pytest.raises(redis_errors.ResponseError) as raised:
+            await scripts.run(
+                opened, scripts.get("result_get"), [key, keys.progress_key(key)], ["0"]
+            )
+        assert str(raised.value) == (
+            "script result_get: WRONGTYPE Operation against a key holding the wrong kind of value"
+        )
+    finally:
+        await opened.close()
