@@ -229,13 +229,18 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
                 asyncio.ensure_future(conn.execute("INCR", key)) for key in groups[paused_name][:20]
             ]
             await asyncio.sleep(0.05)
-            slowest = 0.0
+            waits = []
             for _ in range(5):
                 started = time.monotonic()
                 replies = await asyncio.gather(*(conn.execute("INCR", key) for key in others))
-                slowest = max(slowest, time.monotonic() - started)
+                waits.append(time.monotonic() - started)
                 assert all(isinstance(reply, int) for reply in replies)
-            assert slowest < 0.1, f"commands for other nodes waited {slowest * 1000:.0f} ms"
+            # No round may wait for the paused node (2 s); the typical round is under 100 ms.
+            # The median, not the slowest, meets the 100 ms: on a loaded 2-core machine one
+            # round can lose the CPU for a while, which says nothing about the lanes.
+            shown = ", ".join(f"{wait * 1000:.0f}" for wait in waits)
+            assert max(waits) < 1.0, f"commands for other nodes waited for the pause: {shown} ms"
+            assert statistics.median(waits) < 0.1, f"commands for other nodes waited {shown} ms"
             assert not any(task.done() for task in stuck), "the node was not paused"
             assert await asyncio.wait_for(asyncio.gather(*stuck), PATIENCE) == [2] * 20
         finally:
