@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from taskiq_redis.diagnostics import describe, server_message
 from taskiq_redis.pipelining import AutoPipeline
@@ -245,6 +245,48 @@ def cluster(
     return RedisConnection(client, "cluster", [client.aclose])
 
 
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel, whose "no primary" error says what each sentinel answered.
+
+    redis-py's own message lists a repr of each sentinel's client followed by the error's kind
+    (``network:ConnectionError``): neither the address nor what went wrong.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        """The address the first sentinel that knows a healthy ``service_name`` names.
+
+        Like redis-py, the sentinel that answered moves to the front for the next lookup.
+        """
+        answers = []
+        for index, link in enumerate(self.sentinels):
+            where = "{host}:{port}".format(**link.connection_pool.connection_kwargs)
+            try:
+                primaries: dict[str, Any] = await link.sentinel_masters()  # type: ignore[assignment]
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as error:
+                answers.append(f"{where} ({describe(error)})")
+                continue
+            state = primaries.get(service_name)
+            if state is None:
+                answers.append(f"{where} (monitors no primary of that name)")
+            elif not self.check_master_state(state, service_name):
+                flags = ",".join(sorted(state["flags"]))
+                answers.append(f"{where} (names {state['ip']}:{state['port']}, flags {flags})")
+            else:
+                self.sentinels[0], self.sentinels[index] = link, self.sentinels[0]
+                forced = self._force_master_ip
+                return (state["ip"] if forced is None else forced), state["port"]
+        raise MasterNotFoundError(
+            f"No master found for {service_name!r}; sentinels asked: {', '.join(answers)}"
+        )
+
+
+# The links to the sentinels: one lookup asks every sentinel once (a second try only for a
+# connection that went stale), and the primary's connection retries the lookup as a whole.
+# redis-py's default (10 retries with exponential backoff) took seconds per dead sentinel, and
+# the retries multiplied, so a producer's startup() took 16 s to say the sentinels were down.
+SENTINEL_LINK_RETRIES = 1
+
+
 def sentinel(
     sentinels: list[tuple[str, int]],
     master_name: str,
@@ -258,7 +300,11 @@ def sentinel(
     size = connection_kwargs.pop("max_connections", None)
     if max_connection_pool_size is not None:
         size = max_connection_pool_size
-    watcher = Sentinel(  # type: ignore[no-untyped-call]
+    if sentinel_kwargs is None:  # as redis-py: the links take the socket options
+        sentinel_kwargs = {k: v for k, v in connection_kwargs.items() if k.startswith("socket_")}
+    if "retry" not in sentinel_kwargs and "retry_on_error" not in sentinel_kwargs:
+        sentinel_kwargs = {**sentinel_kwargs, "retry": Retry(NoBackoff(), SENTINEL_LINK_RETRIES)}
+    watcher = _Sentinels(  # type: ignore[no-untyped-call]
         sentinels,
         min_other_sentinels=min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs,
