@@ -148,8 +148,9 @@ FINAL_ERRORS: tuple[type[redis_errors.RedisError], ...] = (
 
 _ADVICE = {
     redis_errors.NoPermissionError: (
-        "grant this Redis user the commands and key patterns listed in the README's ACL "
-        "section (every part of taskiq-redis needs +@scripting)"
+        'grant this Redis user what the README section "ACL: what a deployment needs" lists '
+        "for this part (every part but the pub/sub broker runs Lua scripts: +@scripting, or at "
+        "least +evalsha +script|load)"
     ),
 }
 _AUTH_ADVICE = (
