@@ -247,18 +247,29 @@ def cluster(
 
 
 class _Sentinels(Sentinel):
-    """redis-py's Sentinel, whose "no primary" error says what each sentinel answered.
+    """redis-py's Sentinel, saying what each sentinel answered, and riding out their absence.
 
-    redis-py's own message lists a repr of each sentinel's client followed by the error's kind
-    (``network:ConnectionError``): neither the address nor what went wrong.
+    redis-py's own "no primary" message lists a repr of each sentinel's client followed by the
+    error's kind (``network:ConnectionError``): neither the address nor what went wrong.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._named: dict[str, tuple[str, int]] = {}  # the primary last named, per service
+        self._unanswered: set[str] = set()  # services now served from ``_named``
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         """The address the first sentinel that knows a healthy ``service_name`` names.
 
-        Like redis-py, the sentinel that answered moves to the front for the next lookup.
+        Like redis-py, the sentinel that answered moves to the front for the next lookup. When
+        no sentinel can be reached at all (a sentinel restarting, a network blip) the primary
+        they last named is the answer: their absence says nothing about the primary, and a new
+        connection, say one for a blocking read, should not fail because of it. Before any
+        sentinel has answered (start-up) or when one answers that the primary is down, there is
+        no such answer: the error says what each sentinel said.
         """
         answers = []
+        reached = False
         for index, link in enumerate(self.sentinels):
             where = "{host}:{port}".format(**link.connection_pool.connection_kwargs)
             try:
@@ -266,6 +277,7 @@ class _Sentinels(Sentinel):
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as error:
                 answers.append(f"{where} ({describe(error)})")
                 continue
+            reached = True
             state = primaries.get(service_name)
             if state is None:
                 answers.append(f"{where} (monitors no primary of that name)")
@@ -275,10 +287,25 @@ class _Sentinels(Sentinel):
             else:
                 self.sentinels[0], self.sentinels[index] = link, self.sentinels[0]
                 forced = self._force_master_ip
-                return (state["ip"] if forced is None else forced), state["port"]
-        raise MasterNotFoundError(
-            f"No master found for {service_name!r}; sentinels asked: {', '.join(answers)}"
-        )
+                named = (state["ip"] if forced is None else forced), state["port"]
+                self._named[service_name] = named
+                if service_name in self._unanswered:
+                    self._unanswered.discard(service_name)
+                    logger.info("A sentinel answers again for %r: %s:%s", service_name, *named)
+                return named
+        told = "; ".join(answers)
+        last = self._named.get(service_name)
+        if last is not None and not reached:
+            if service_name not in self._unanswered:
+                self._unanswered.add(service_name)
+                logger.warning(
+                    "No sentinel answers for %r (%s); using the primary they last named, %s:%s",
+                    service_name,
+                    told,
+                    *last,
+                )
+            return last
+        raise MasterNotFoundError(f"No master found for {service_name!r}; sentinels asked: {told}")
 
 
 # The links to the sentinels: one lookup asks every sentinel once (a second try only for a
@@ -305,7 +332,7 @@ def sentinel(
         sentinel_kwargs = {k: v for k, v in connection_kwargs.items() if k.startswith("socket_")}
     if "retry" not in sentinel_kwargs and "retry_on_error" not in sentinel_kwargs:
         sentinel_kwargs = {**sentinel_kwargs, "retry": Retry(NoBackoff(), SENTINEL_LINK_RETRIES)}
-    watcher = _Sentinels(  # type: ignore[no-untyped-call]
+    watcher = _Sentinels(
         sentinels,
         min_other_sentinels=min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs,

@@ -365,7 +365,6 @@ async def test_ops_cli(make_user: MakeUser) -> None:
 
     try:
         named = await asyncio.to_thread(cli, "queues", queue)
-        scanned = await asyncio.to_thread(cli, "queues")
         listed = await asyncio.to_thread(cli, "dead-letters", "list", queue)
         requeued = await asyncio.to_thread(cli, "dead-letters", "requeue", queue)
         await admin.xadd(dead, {"data": "gone", "reason": "test"})
@@ -375,7 +374,6 @@ async def test_ops_cli(make_user: MakeUser) -> None:
     finally:
         await admin.delete(queue, dead, "{" + queue + "}:delayed")
     assert f"{queue}  stream  length 1  delayed 1  dead letters 1" in named
-    assert queue in scanned
     assert "reason: test" in listed
     assert requeued.strip() == f"requeued 1 dead letters to {queue}"
     assert purged.strip() == f"purged 1 dead letters of {queue}"

@@ -16,7 +16,7 @@ import redis
 from taskiq import BrokerMessage
 
 from taskiq_redis import ListQueueSentinelBroker
-from tests.servers import HOST, _free_ports, find_program
+from tests.servers import HOST, SentinelGroup, _free_ports, find_program
 
 NAME = "failover-test"
 # How long the sentinel waits before it calls a silent primary down; kicks must work again
@@ -140,3 +140,34 @@ async def test_a_long_lived_producer_follows_the_new_primary(
         await kicks_work_again(broker, queue, new)
     finally:
         await broker.shutdown()
+
+
+async def test_connections_opened_while_the_sentinel_is_away_reach_the_primary(
+    sentinel_group: SentinelGroup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sentinel that cannot be reached says nothing about the primary: the one it last named
+    is used, so a restarting sentinel does not fail commands that need a new connection.
+    """
+    topology = sentinel_group.topology()
+    queue = f"away-{time.monotonic_ns()}"
+    broker = ListQueueSentinelBroker(topology.sentinels, topology.master_name, queue_name=queue)
+    await broker.startup()
+    try:
+        await broker.kick(BrokerMessage(task_id="0", task_name="t", message=b"m", labels={}))
+        sentinel_group.sentinel.kill()
+        # Every connection closed, as after a failover: each command looks the primary up.
+        await cast(Any, broker)._conn.client.connection_pool.disconnect(inuse_connections=True)
+        for number in range(1, 4):
+            kick = BrokerMessage(task_id=str(number), task_name="t", message=b"m", labels={})
+            await asyncio.wait_for(broker.kick(kick), 10)
+    finally:
+        await broker.shutdown()
+    primary = redis.Redis(port=sentinel_group.nodes[0].port)  # no failover happened
+    try:
+        assert primary.llen(queue) == 4
+    finally:
+        primary.delete(queue)
+        primary.close()
+    warnings = [r.getMessage() for r in caplog.records if "No sentinel answers" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"{HOST}:{topology.sentinels[0][1]} (ConnectionError: " in warnings[0]
