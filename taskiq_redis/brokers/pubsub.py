@@ -22,6 +22,7 @@ from taskiq import AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection
 from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis.diagnostics import describe
 
 if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
@@ -77,7 +78,9 @@ class BasePubSubBroker(BaseRedisBroker):
                     if event is not None and event["type"] in DATA_EVENTS:
                         yield event["data"]
             except RESUBSCRIBE_ON as exc:
-                logger.warning("Channel %r lost (%r); subscribing again", self.queue_name, exc)
+                logger.warning(
+                    "Channel %r lost (%s); subscribing again", self.queue_name, describe(exc)
+                )
                 failed = True
             finally:
                 with contextlib.suppress(Exception):
