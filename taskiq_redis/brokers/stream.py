@@ -75,9 +75,6 @@ RENEW_BATCH = 1000
 ACK_BATCH = 1000
 # XAUTOCLAIM calls per reclaim script call: each scans up to ten times what is still wanted.
 RECLAIM_SCANS = 10
-# How long an ack waits for others to go with it: a busy worker acknowledges tens of entries per
-# call instead of one or two; a task's slot in taskiq stays taken that much longer.
-ACK_LINGER_SECONDS = 0.002
 # Attempts of one ack call on connection errors before it is given up (and comes back later).
 ACK_ATTEMPTS = 4
 
@@ -572,9 +569,9 @@ class BaseStreamBroker(BaseRedisBroker):
         return done
 
     async def _send_acks(self) -> None:
+        # No wait for company: what is queued goes now, and the acks that arrive while this
+        # call is under way go together in the next one (one ack call in flight at a time).
         while self._acks:
-            if sum(map(len, self._acks.values())) < ACK_BATCH:
-                await asyncio.sleep(ACK_LINGER_SECONDS)  # let the acks of a busy worker gather
             batch, self._acks = self._acks, {}
             await asyncio.gather(
                 *(
