@@ -586,14 +586,20 @@ class BaseStreamBroker(BaseRedisBroker):
                 await asyncio.sleep(ACK_LINGER_SECONDS)
             batch, self._acks = self._acks, {}
             handed = self._handed
-            await asyncio.gather(
-                *(
-                    self._ack_stream(stream, items[start : start + ACK_BATCH])
-                    for stream, items in batch.items()
-                    for start in range(0, len(items), ACK_BATCH)
+            try:
+                await asyncio.gather(
+                    *(
+                        self._ack_stream(stream, items[start : start + ACK_BATCH])
+                        for stream, items in batch.items()
+                        for start in range(0, len(items), ACK_BATCH)
+                    )
                 )
-            )
-            busy = self._handed != handed
+            finally:
+                busy = self._handed != handed  # before the callers wake up and take more
+                for items in batch.values():
+                    for _, _, done in items:
+                        if not done.done():
+                            done.set_result(None)
 
     async def _ack_stream(
         self, stream: str, items: list[tuple[str, _Delivery, asyncio.Future[None]]]
@@ -618,10 +624,8 @@ class BaseStreamBroker(BaseRedisBroker):
                     )
                     break
                 await backoff.wait()
-        for entry_id, delivery, done in items:
+        for entry_id, delivery, _ in items:
             self._forget(stream, entry_id, delivery)
-            if not done.done():
-                done.set_result(None)
 
     async def _keep_claims(self) -> None:
         """Renew the claim on every held entry, well within ``idle_timeout``; never ends.
