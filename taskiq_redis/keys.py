@@ -17,6 +17,7 @@ from redis.crc import key_slot
 PROGRESS_SUFFIX = "__progress"
 DEAD_LETTER_SUFFIX = ":dead"
 DELAYED_SUFFIX = ":delayed"
+PRIORITY_SUFFIX = ":priority:"
 
 
 def hash_tag(key: str) -> str | None:
@@ -119,6 +120,15 @@ def dead_letter_key(queue: str) -> str:
 def delayed_key(queue: str) -> str:
     """The sorted set of a queue's delayed messages, in the queue's slot (``{taskiq}:delayed``)."""
     return beside(queue, DELAYED_SUFFIX)
+
+
+def priority_key(queue: str, level: int) -> str:
+    """Where a queue keeps priority ``level``, in the queue's slot (``{taskiq}:priority:3``).
+
+    Level 0, no label, is the queue itself, the 1.2 name; level n > 0 is a key of the same type
+    beside it, so one script can read every level.
+    """
+    return queue if level == 0 else beside(queue, f"{PRIORITY_SUFFIX}{level}")
 
 
 # Schedule sources. ``base`` is the source's prefix as its keys start with it: the prefix itself

@@ -5,24 +5,31 @@ listener pops from the other end, so messages come out oldest first. A listener 
 ``batch_size`` messages at once with the ``list_pop`` script, so a busy queue costs one round
 trip per batch; only when the queue is empty does it block, natively, in BRPOP.
 
+A ``priority`` label puts the message in the list of its level (see :mod:`priorities`; no
+label: the queue itself). The script takes its batch from the highest level that holds messages,
+and BRPOP names the levels highest first, so higher levels always go first.
+
 There are no acknowledgements: a message is gone from Redis once popped. A worker killed
 while running a task loses that task, and a worker killed outright also loses the messages it
 popped but has not yet handed to taskiq (fewer than ``batch_size``). A worker that stops
-cleanly puts those back at the end of the queue that is popped next, so they keep their place.
+cleanly puts those back at the end of their level's list that is popped next, so they keep
+their place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from typing import Any
 
 from taskiq import AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection, delays, scripts
+from taskiq_redis import connection, delays, keys, priorities, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis.diagnostics import describe
 
 logger = logging.getLogger("taskiq.redis_broker")
 
@@ -35,6 +42,8 @@ MAX_BATCH_SIZE = 1000
 BLOCK_SECONDS = 1
 # How long a stop waits for the answer of a pop in flight before giving up on it.
 RESCUE_SECONDS = BLOCK_SECONDS + 2.0
+
+_Popped = tuple[int, bytes]  # (priority level, message)
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -56,11 +65,14 @@ class BaseListQueueBroker(BaseRedisBroker):
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
     ) -> None:
         super().__init__(conn, queue_name, result_backend, task_id_generator)
         self.batch_size = check_batch_size(batch_size)
+        self.max_priority = priorities.check_max_priority(max_priority)
+        self._levels = priorities.Levels(queue_name, self.max_priority)
         self._script = scripts.get(LIST_POP)
-        self._mover = delays.Mover(conn, {queue_name: [queue_name]}, "list")
+        self._mover = delays.Mover(conn, {queue_name: self._levels.by_level}, "list")
 
     async def startup(self) -> None:
         """Load the script now, so the first batch does not pay for a NOSCRIPT answer."""
@@ -68,30 +80,47 @@ class BaseListQueueBroker(BaseRedisBroker):
         await scripts.load(self._conn, [self._script])
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Append the message to its queue: one LPUSH (with a ``delay`` label: see delays)."""
-        if await delays.defer(self._conn, self.queue_of(message), message):
+        """Append the message to its queue: one LPUSH, to the list of its ``priority`` level.
+
+        A ``delay`` label parks it instead (see delays). A bad label raises ValueError and
+        nothing is sent.
+        """
+        queue = self.queue_of(message)
+        level = priorities.level_of(message.labels, self.max_priority)
+        if await delays.defer(self._conn, queue, message, level):
             return
-        await self._conn.execute("LPUSH", self.queue_of(message), message.message)
+        await self._conn.execute("LPUSH", keys.priority_key(queue, level), message.message)
 
     async def listen(self) -> AsyncGenerator[bytes, None]:
-        """Yield messages oldest first; connection errors are logged and waited out.
+        """Yield messages highest level first and oldest first within a level.
 
-        On a clean stop (the generator is closed or cancelled) the messages already popped
-        but not yet yielded go back to the queue.
+        Connection errors are logged and waited out. On a clean stop (the generator is closed
+        or cancelled) the messages already popped but not yet yielded go back to their lists.
         """
-        popped: deque[bytes] = deque()
+        popped: deque[_Popped] = deque()
+        checked = 0.0  # when Redis last said which levels hold messages (monotonic)
         backoff = connection.Backoff()
         self._mover.start()
         try:
             while True:
                 while popped:
-                    yield popped.popleft()
+                    level = popped[0][0]
+                    if (
+                        level < self.max_priority
+                        and time.monotonic() - checked > priorities.RECHECK_SECONDS
+                    ):
+                        popped.extendleft(reversed(await self._recheck(level)))
+                        checked = time.monotonic()
+                    yield popped.popleft()[1]
                 try:
                     popped.extend(await self._pop_batch())
                 except connection.TRANSIENT_ERRORS as exc:
-                    logger.warning("Reading queue %r failed (%r); retrying", self.queue_name, exc)
+                    logger.warning(
+                        "Reading queue %r failed; retrying: %s", self.queue_name, describe(exc)
+                    )
                     await backoff.wait()
                 else:
+                    checked = time.monotonic()
                     backoff.reset()
         finally:
             await self._put_back(popped)
@@ -101,8 +130,9 @@ class BaseListQueueBroker(BaseRedisBroker):
         await self._mover.stop()
         await super().shutdown()
 
-    async def _pop_batch(self) -> list[bytes]:
-        """Take up to ``batch_size`` of the oldest messages; if there are none, wait for one.
+    async def _pop_batch(self) -> list[_Popped]:
+        """Take up to ``batch_size`` of the oldest messages of the highest level holding any; if
+        there are none, wait for one.
 
         The script comes first, so a busy queue costs one round trip per batch. Only an
         empty queue is waited on, with BRPOP; the script call that found it empty was made
@@ -113,17 +143,33 @@ class BaseListQueueBroker(BaseRedisBroker):
             taken = await self._finish(self._wait_for_one())
         return taken
 
-    async def _take_batch(self) -> list[bytes]:
-        taken: list[bytes] = await scripts.run(
-            self._conn, self._script, [self.queue_name], [self.batch_size]
-        )
-        return taken
+    async def _recheck(self, level: int) -> list[_Popped]:
+        """A batch of the levels above ``level``, to go before the held messages of ``level``.
 
-    async def _wait_for_one(self) -> list[bytes]:
-        popped = await self._conn.execute("BRPOP", self.queue_name, BLOCK_SECONDS)
-        return [] if popped is None else [popped[1]]
+        The held messages are popped already, so a failure here must not hold them up: it is
+        logged, and they are handed over.
+        """
+        try:
+            return await self._finish(self._take_batch(above=level))
+        except connection.TRANSIENT_ERRORS as exc:
+            logger.warning(
+                "Checking the higher levels of %r failed: %s", self.queue_name, describe(exc)
+            )
+            return []
 
-    async def _finish(self, pop: Coroutine[Any, Any, list[bytes]]) -> list[bytes]:
+    async def _take_batch(self, above: int = -1) -> list[_Popped]:
+        read_order = self._levels.read_order(above)
+        taken = await scripts.run(self._conn, self._script, read_order, [self.batch_size])
+        if not taken:
+            return []
+        level = self._levels.level(read_order[int(taken[0]) - 1])
+        return [(level, message) for message in taken[1]]
+
+    async def _wait_for_one(self) -> list[_Popped]:
+        popped = await self._conn.execute("BRPOP", *self._levels.read_order(), BLOCK_SECONDS)
+        return [] if popped is None else [(self._levels.level(popped[0]), popped[1])]
+
+    async def _finish(self, pop: Coroutine[Any, Any, list[_Popped]]) -> list[_Popped]:
         """Run a pop to its end even when a stop cancels the listener, and put back its take.
 
         Cancelling the pop itself would close the connection under a reply that may already
@@ -137,27 +183,31 @@ class BaseListQueueBroker(BaseRedisBroker):
             try:
                 taken = await asyncio.wait_for(request, RESCUE_SECONDS)
             except Exception as exc:  # stopping: a failed pop has nothing to put back
-                logger.warning("A pop in flight on %r failed on stop: %r", self.queue_name, exc)
+                logger.warning(
+                    "A pop in flight on %r failed on stop: %s", self.queue_name, describe(exc)
+                )
             else:
                 await self._put_back(taken)
             raise
 
-    async def _put_back(self, messages: Iterable[bytes]) -> None:
-        """Return popped messages to the end that is popped next, keeping their order."""
-        newest_first = list(messages)[::-1]
-        if not newest_first:
-            return
-        try:
-            await self._conn.execute("RPUSH", self.queue_name, *newest_first)
-        except connection.TRANSIENT_ERRORS as exc:
-            logger.error(
-                "Could not put %d popped messages back on %r; they are lost: %r",
-                len(newest_first),
-                self.queue_name,
-                exc,
-            )
-        else:
-            logger.info("Put %d popped messages back on %r", len(newest_first), self.queue_name)
+    async def _put_back(self, messages: Iterable[_Popped]) -> None:
+        """Return popped messages to their level's end that is popped next, in their order."""
+        newest_first: dict[int, list[bytes]] = {}
+        for level, message in reversed(list(messages)):
+            newest_first.setdefault(level, []).append(message)
+        for level, returned in newest_first.items():
+            key = self._levels.key(level)
+            try:
+                await self._conn.execute("RPUSH", key, *returned)
+            except connection.TRANSIENT_ERRORS as exc:
+                logger.error(
+                    "Could not put %d popped messages back on %r; they are lost: %s",
+                    len(returned),
+                    key,
+                    describe(exc),
+                )
+            else:
+                logger.info("Put %d popped messages back on %r", len(returned), key)
 
 
 class ListQueueBroker(connection.SingleNodeAttributes, BaseListQueueBroker):
@@ -172,6 +222,7 @@ class ListQueueBroker(connection.SingleNodeAttributes, BaseListQueueBroker):
         max_connection_pool_size: int | None = None,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -180,6 +231,7 @@ class ListQueueBroker(connection.SingleNodeAttributes, BaseListQueueBroker):
             result_backend,
             task_id_generator,
             batch_size,
+            max_priority,
         )
 
 
@@ -195,6 +247,7 @@ class ListQueueClusterBroker(connection.ClusterAttributes, BaseListQueueBroker):
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -203,6 +256,7 @@ class ListQueueClusterBroker(connection.ClusterAttributes, BaseListQueueBroker):
             result_backend,
             task_id_generator,
             batch_size,
+            max_priority,
         )
 
 
@@ -220,6 +274,7 @@ class ListQueueSentinelBroker(connection.SentinelAttributes, BaseListQueueBroker
         sentinel_kwargs: Any | None = None,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -230,4 +285,5 @@ class ListQueueSentinelBroker(connection.SentinelAttributes, BaseListQueueBroker
             result_backend,
             task_id_generator,
             batch_size,
+            max_priority,
         )
