@@ -153,9 +153,17 @@ async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -
         return [json.dumps(document, indent=2)]
     lines = []
     for view in views:
+        by_level = ""
+        if view.levels and view.length is not None:
+            counts = {**view.levels, 0: view.length - sum(view.levels.values())}
+            by_level = (
+                " (by priority "
+                + ", ".join(f"{level}: {counts[level]}" for level in sorted(counts, reverse=True))
+                + ")"
+            )
         lines.append(
-            f"{view.name}  {view.kind}  length {'-' if view.length is None else view.length}  "
-            f"delayed {view.delayed}  "
+            f"{view.name}  {view.kind}  length {'-' if view.length is None else view.length}"
+            f"{by_level}  delayed {view.delayed}  "
             f"dead letters {view.dead_letters}"
         )
         for group in view.groups:

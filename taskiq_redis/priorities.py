@@ -41,9 +41,7 @@ def check_max_priority(max_priority: int) -> int:
     if isinstance(max_priority, bool) or not isinstance(max_priority, int):
         raise TypeError(f"max_priority must be a whole number, got {max_priority!r}")
     if not 0 <= max_priority <= MAX_PRIORITY_LIMIT:
-        raise ValueError(
-            f"max_priority must be from 0 to {MAX_PRIORITY_LIMIT}, got {max_priority}"
-        )
+        raise ValueError(f"max_priority must be from 0 to {MAX_PRIORITY_LIMIT}, got {max_priority}")
     return max_priority
 
 

@@ -5,7 +5,7 @@ Behind ``taskiq-redis queues`` and ``taskiq-redis dead-letters``, and usable on 
     from taskiq_redis import connection, queues
 
     redis = connection.single_node("redis://localhost:6379")
-    view = await queues.inspect(redis, "taskiq")       # length, delayed, dead, groups, consumers
+    view = await queues.inspect(redis, "taskiq")  # length, levels, delayed, dead, groups
     moved, skipped = await queues.requeue_dead_letters(redis, "taskiq")
 
 Everything here only reads, except the dead-letter scripts, which move or delete entries in
@@ -15,11 +15,13 @@ bounded batches, each one atomic. Functions take a :class:`~taskiq_redis.connect
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from taskiq_redis import keys, scripts
+from taskiq_redis import keys, priorities, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
 from taskiq_redis.connection import RedisConnection
 from taskiq_redis.exceptions import TaskIQRedisError
@@ -33,6 +35,7 @@ SCAN_COUNT = 1000
 DEFAULT_SCAN_LIMIT = 100_000
 # Key suffixes that belong to a queue rather than being queues of their own.
 _SATELLITES = (keys.DEAD_LETTER_SUFFIX, keys.DELAYED_SUFFIX)
+_LEVEL_SUFFIX = re.compile(re.escape(keys.PRIORITY_SUFFIX) + r"([1-9]\d*)(~\d+)?$")
 
 
 class QueueError(TaskIQRedisError):
@@ -70,8 +73,11 @@ class Group:
 class QueueView:
     """One queue: ``kind`` is stream, list, or none (no key: empty, or never used).
 
-    A queue found by :func:`discover` through its delayed or dead-letter key may have a key of
-    another type (``kind`` names it, ``length`` is None): its delayed messages cannot be moved.
+    ``length`` counts every priority level; ``levels`` has the length of each level above 0
+    that has a key (a queue without priorities has none). A stream's groups and consumers add
+    up their level streams. A queue found by :func:`discover` through its delayed or dead-letter
+    key may have a key of another type (``kind`` names it, ``length`` is None): its delayed
+    messages cannot be moved.
     """
 
     name: str
@@ -80,6 +86,7 @@ class QueueView:
     delayed: int
     dead_letters: int
     groups: list[Group] = field(default_factory=list)
+    levels: dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``--json``."""
@@ -128,10 +135,14 @@ def _count(value: Any) -> int | None:
 
 
 async def inspect(
-    target: RedisConnection | BaseRedisBroker, queue: str, strict: bool = True
+    target: RedisConnection | BaseRedisBroker,
+    queue: str,
+    strict: bool = True,
+    max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
 ) -> QueueView:
     """Length, delayed and dead-letter counts and, for a stream, its groups and consumers.
 
+    The priority levels 1..``max_priority`` count with the queue (their keys are looked up).
     A key of another type is a :class:`QueueError`, or with ``strict=False`` a view without
     length (discovery finds such keys through their delayed or dead-letter sets).
     """
@@ -142,22 +153,50 @@ async def inspect(
     dead = (
         int(await conn.execute("XLEN", dead_key)) if await conn.execute("EXISTS", dead_key) else 0
     )
-    if kind == "list":
-        return QueueView(queue, kind, int(await conn.execute("LLEN", queue)), delayed, dead)
-    if kind == "none":
-        return QueueView(queue, kind, 0, delayed, dead)
-    if kind != "stream" and not strict:
-        return QueueView(queue, kind, None, delayed, dead)
-    if kind != "stream":
+    level_keys = priorities.Levels(queue, max_priority).by_level[1:]
+    level_kinds = await asyncio.gather(*(conn.execute("TYPE", key) for key in level_keys))
+    found = {  # level: (key, type) of the levels above 0 that have a key
+        level: (key, _text(level_kind))
+        for level, (key, level_kind) in enumerate(zip(level_keys, level_kinds, strict=True), 1)
+        if _text(level_kind) != "none"
+    }
+    if kind == "none" and found:
+        kind = found[min(found)][1]
+    if kind not in ("stream", "list") and not strict:
+        return QueueView(queue, kind, None if kind != "none" else 0, delayed, dead)
+    if kind not in ("stream", "list", "none"):
         raise QueueError(description=f"{queue!r} is a Redis {kind}, not a stream or list queue")
-    length = int(await conn.execute("XLEN", queue))
+    for level, (key, level_kind) in found.items():
+        if level_kind != kind:
+            raise QueueError(
+                description=f"priority level {level} of {queue!r} ({key!r}) is a Redis "
+                f"{level_kind}, not a {kind} like the queue"
+            )
+    length_of = "XLEN" if kind == "stream" else "LLEN"
+    base, *lengths = await asyncio.gather(
+        *(conn.execute(length_of, key) for key in [queue, *(key for key, _ in found.values())])
+    )
+    levels = {level: int(length) for level, length in zip(found, lengths, strict=True)}
+    length = int(base) + sum(levels.values())
+    if kind != "stream":
+        return QueueView(queue, kind, length, delayed, dead, levels=levels)
+    streams = [queue] if await conn.execute("EXISTS", queue) else []
+    streams += [key for key, _ in found.values()]
+    groups: dict[str, Group] = {}
+    for stream in streams:
+        for group in await _groups(conn, stream):
+            groups[group.name] = _add(groups[group.name], group) if group.name in groups else group
+    return QueueView(queue, kind, length, delayed, dead, list(groups.values()), levels)
+
+
+async def _groups(conn: RedisConnection, stream: str) -> list[Group]:
     groups = []
-    for raw_group in await conn.execute("XINFO GROUPS", queue):
+    for raw_group in await conn.execute("XINFO GROUPS", stream):
         info = _pairs(raw_group)
         name = _text(info["name"])
         consumers = [
             Consumer(_text(c["name"]), int(c["pending"]), int(c["idle"]))
-            for c in map(_pairs, await conn.execute("XINFO CONSUMERS", queue, name))
+            for c in map(_pairs, await conn.execute("XINFO CONSUMERS", stream, name))
         ]
         groups.append(
             Group(
@@ -168,15 +207,42 @@ async def inspect(
                 consumers=consumers,
             )
         )
-    return QueueView(queue, kind, length, delayed, dead, groups)
+    return groups
+
+
+def _add(total: Group, level: Group) -> Group:
+    """A group over two of a queue's level streams: counts add up, a consumer's idle time is
+    its shortest; the last delivered id stays the first stream's (the queue itself)."""
+    consumers = {consumer.name: consumer for consumer in total.consumers}
+    for consumer in level.consumers:
+        if (known := consumers.get(consumer.name)) is not None:
+            consumer = Consumer(
+                consumer.name,
+                known.pending + consumer.pending,
+                min(known.idle_ms, consumer.idle_ms),
+            )
+        consumers[consumer.name] = consumer
+    return Group(
+        name=total.name,
+        pending=total.pending + level.pending,
+        lag=None if total.lag is None or level.lag is None else total.lag + level.lag,
+        last_delivered_id=total.last_delivered_id,
+        consumers=list(consumers.values()),
+    )
 
 
 def queue_of_key(key: str) -> str:
-    """The queue a key belongs to: the key itself, or the queue a dead/delayed key serves.
+    """The queue a key belongs to: the key itself, or the queue a dead, delayed or priority
+    level key serves.
 
     ``{taskiq}:dead`` belongs to ``taskiq`` (the usual queue without a hash tag of its own); a
-    queue named with a tag, e.g. ``{app}jobs``, owns ``{app}jobs:dead``.
+    queue named with a tag, e.g. ``{app}jobs``, owns ``{app}jobs:dead``; ``{taskiq}:priority:3``
+    is level 3 of ``taskiq``.
     """
+    if level := _LEVEL_SUFFIX.search(key):
+        base = keys.base_of(key, f"{keys.PRIORITY_SUFFIX}{level.group(1)}")
+        if base is not None:
+            return base
     for suffix in _SATELLITES:
         base = keys.base_of(key, suffix)
         if base is not None:

@@ -1,0 +1,269 @@
+"""Priority levels on the list and stream brokers, on every topology, with real servers.
+
+A ``priority`` label (0 to 9 by default; none is 0) puts a message in its level's key beside the
+queue; listeners take the highest level that holds messages, oldest first within a level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage
+from taskiq.formatters.json_formatter import JSONFormatter
+
+import taskiq_redis
+from taskiq_redis import keys, priorities, queues
+from tests.servers import RedisServers, Topology
+from tests.worker_process import WorkerProcess
+
+KINDS = ("list",)
+WORK_TASK = "priority_app.work"  # tests/apps/priority_app.py
+
+
+def broker_class(kind: str, topology: Topology) -> str:
+    if kind == "stream":
+        return topology.pick(
+            single="RedisStreamBroker",
+            cluster="RedisStreamClusterBroker",
+            sentinel="RedisStreamSentinelBroker",
+        )
+    return topology.pick(
+        single="ListQueueBroker",
+        cluster="ListQueueClusterBroker",
+        sentinel="ListQueueSentinelBroker",
+    )
+
+
+def make_broker(kind: str, topology: Topology, queue: str, **options: Any) -> AsyncBroker:
+    broker: AsyncBroker = getattr(taskiq_redis, broker_class(kind, topology))(
+        **topology.kwargs(), queue_name=queue, **options
+    )
+    return broker
+
+
+def message(
+    body: str,
+    priority: Any = None,
+    task_name: str = "t",
+    args: list[Any] | None = None,
+    **labels: Any,
+) -> BrokerMessage:
+    """A real taskiq message with id ``body`` (the stream broker dead-letters anything else)."""
+    if priority is not None:
+        labels["priority"] = priority
+    payload = TaskiqMessage(
+        task_id=body, task_name=task_name, labels=labels, args=args or [], kwargs={}
+    )
+    return BrokerMessage(
+        task_id=body,
+        task_name=task_name,
+        message=JSONFormatter().dumps(payload).message,
+        labels=labels,
+    )
+
+
+def body_of(received: Any) -> str:
+    data = received if isinstance(received, bytes) else received.data
+    task_id: str = json.loads(data)["task_id"]
+    return task_id
+
+
+async def acked(received: Any) -> Any:
+    if not isinstance(received, bytes) and (ack := received.ack()) is not None:
+        await ack
+    return received
+
+
+async def receive(broker: AsyncBroker, count: int, timeout: float = 15) -> AsyncIterator[Any]:
+    listener = broker.listen()
+    try:
+        for _ in range(count):
+            yield await acked(await asyncio.wait_for(anext(listener), timeout))
+    finally:
+        await listener.aclose()
+
+
+async def length(raw_redis: Any, kind: str, key: str) -> int:
+    return int(await (raw_redis.xlen(key) if kind == "stream" else raw_redis.llen(key)))
+
+
+def test_priority_label_values() -> None:
+    assert priorities.level_of({}, 9) == 0
+    assert priorities.level_of({"priority": None}, 9) == 0
+    for value, level in [(0, 0), (9, 9), ("7", 7), (" 3 ", 3), (5.0, 5), (b"4", 4), ("+2", 2)]:
+        assert priorities.level_of({"priority": value}, 9) == level, value
+    assert priorities.level_of({"priority": 12}, 20) == 12
+    for bad in [-1, 10, "10", "high", 2.5, "2.5", "", True, [1], float("nan")]:
+        with pytest.raises(ValueError, match="the priority label must be a whole number from 0"):
+            priorities.level_of({"priority": bad}, 9)
+    with pytest.raises(ValueError, match="from 0 to 3, got 4"):
+        priorities.level_of({"priority": 4}, 3)
+
+
+def test_max_priority_option_is_checked() -> None:
+    assert taskiq_redis.ListQueueBroker("redis://x", max_priority=0).max_priority == 0
+    for bad, error in [(-1, ValueError), (100, ValueError), (2.0, TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="max_priority"):
+            taskiq_redis.ListQueueBroker("redis://x", max_priority=bad)
+
+
+def test_level_keys_sit_beside_the_queue_in_its_slot() -> None:
+    assert keys.priority_key("taskiq", 0) == "taskiq"
+    assert keys.priority_key("taskiq", 3) == "{taskiq}:priority:3"
+    assert keys.priority_key("{app}jobs", 9) == "{app}jobs:priority:9"
+    levels = priorities.Levels("q", 2)
+    assert levels.by_level == ("q", "{q}:priority:1", "{q}:priority:2")
+    assert levels.read_order() == ("{q}:priority:2", "{q}:priority:1", "q")
+    assert levels.read_order(above=0) == ("{q}:priority:2", "{q}:priority:1")
+    assert levels.read_order(above=2) == ()
+    assert levels.level(b"{q}:priority:1") == 1
+    assert queues.queue_of_key("{q}:priority:7") == "q"
+    assert queues.queue_of_key("{app}jobs:priority:7") == "{app}jobs"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("label", "delay"), [(10, None), (-1, None), ("urgent", None), (1.5, None), (99, 5)]
+)
+async def test_a_bad_priority_label_is_refused_and_nothing_is_sent(
+    kind: str, label: Any, delay: Any, redis_servers: RedisServers, unique: str
+) -> None:
+    topology = Topology.of(redis_servers, "single")
+    queue = f"bad{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    try:
+        labels = {} if delay is None else {"delay": delay}
+        with pytest.raises(ValueError, match=r"the priority label must be .* got "):
+            await broker.kick(message("x", label, **labels))
+        every_key = [*priorities.Levels(queue).by_level, keys.delayed_key(queue)]
+        raw: Any = broker._conn  # type: ignore[attr-defined]
+        if kind == "stream":
+            assert sum([await raw.execute("XLEN", key) for key in every_key[:-1]]) == 0
+        else:
+            assert await raw.execute("EXISTS", *every_key) == 0
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_levels_are_read_highest_first_and_oldest_first_within_a_level(
+    kind: str, topology: Topology, raw_redis: Any, unique: str
+) -> None:
+    queue = f"order{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    sent = [("a", None), ("b", 3), ("c", 9), ("d", 0), ("e", "3"), ("f", 9), ("g", 1), ("h", 3)]
+    for body, priority in sent:
+        await broker.kick(message(body, priority))
+    # Level 0 (no label, or 0) is the queue itself, as in taskiq-redis 1.2.
+    assert await length(raw_redis, kind, queue) == 2
+    for level, count in [(1, 1), (3, 3), (9, 2)]:
+        assert await length(raw_redis, kind, keys.priority_key(queue, level)) == count
+    try:
+        order = [body_of(received) async for received in receive(broker, len(sent))]
+    finally:
+        await broker.shutdown()
+    assert order == ["c", "f", "b", "e", "h", "g", "a", "d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_high_priority_kick_behind_a_backlog_runs_next_in_a_real_worker(
+    kind: str, topology: Topology, unique: str
+) -> None:
+    """One task at a time: the high-priority task runs as soon as the running one ends."""
+    queue = f"worker{kind}{unique}"
+    producer = make_broker(kind, topology, queue)
+    await producer.startup()
+    config = {"broker": broker_class(kind, topology), "broker_kwargs": {**topology.kwargs()}}
+    config["broker_kwargs"]["queue_name"] = queue
+    backlog = [f"low{number}" for number in range(6)]
+    with WorkerProcess(
+        "tests.apps.priority_app:broker", config=config, args=["--max-async-tasks", "1"]
+    ) as worker:
+        worker.wait_ready()
+        for name in backlog:
+            await producer.kick(message(f"{name}{unique}", None, WORK_TASK, [name, 0.7]))
+        await asyncio.to_thread(worker.wait_for_line, "started low0")
+        await producer.kick(message(f"high{unique}", 9, WORK_TASK, ["high", 0.1]))
+        await asyncio.to_thread(worker.wait_for_line, "started low2")
+        log = worker.output()
+    await producer.shutdown()
+    started = re.findall(r"started (\w+)", log)
+    assert started[:4] == ["low0", "high", "low1", "low2"], log
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_delayed_message_goes_to_its_level_when_due(
+    kind: str, topology: Topology, unique: str
+) -> None:
+    queue = f"delayed{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    for number in range(4):
+        await broker.kick(message(f"low{number}"))
+    await broker.kick(message("high", 7, delay=0.3))
+    listener = broker.listen()
+    try:
+        first = body_of(await acked(await asyncio.wait_for(anext(listener), 10)))
+        await asyncio.sleep(1.2)  # the mover (0.5 s poll) has moved it by now
+        rest = [body_of(await acked(await asyncio.wait_for(anext(listener), 10))) for _ in range(4)]
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+    assert [first, *rest] == ["low0", "high", "low1", "low2", "low3"]
+
+
+async def test_a_stopping_list_listener_puts_each_message_back_on_its_level(
+    topology: Topology, raw_redis: Any, unique: str
+) -> None:
+    queue = f"putback{unique}"
+    broker = make_broker("list", topology, queue)
+    await broker.startup()
+    for body in ["low0", "low1", "low2", "low3"]:
+        await broker.kick(message(body))
+    listener = broker.listen()
+    try:
+        assert body_of(await asyncio.wait_for(anext(listener), 10)) == "low0"  # 4 popped
+        for body in ["high0", "high1"]:
+            await broker.kick(message(body, 5))
+        await asyncio.sleep(2 * priorities.RECHECK_SECONDS)
+        assert body_of(await asyncio.wait_for(anext(listener), 10)) == "high0"
+        await listener.aclose()  # holds high1, low1, low2, low3
+        high_level = await raw_redis.lrange(keys.priority_key(queue, 5), 0, -1)
+        assert high_level == [message("high1", 5).message]
+        assert await raw_redis.lrange(queue, 0, -1) == [
+            message(body).message for body in ["low3", "low2", "low1"]
+        ]
+        again = [body_of(received) async for received in receive(broker, 4)]
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+    assert again == ["high1", "low1", "low2", "low3"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_operators_view_counts_every_level(
+    kind: str, topology: Topology, unique: str
+) -> None:
+    queue = f"view{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    try:
+        for body, priority in [("a", None), ("b", 2), ("c", 2), ("d", 8), ("e", None)]:
+            await broker.kick(message(body, priority))
+        await broker.kick(message("later", 4, delay=60))
+        view = await queues.inspect(broker, queue)
+        assert (view.kind, view.length, view.delayed) == (kind, 5, 1)
+        assert {level: n for level, n in view.levels.items() if n} == {2: 2, 8: 1}
+        found, complete = await queues.discover(broker)
+        assert complete
+        assert queue in found
+        assert not [name for name in found if "priority" in name]
+    finally:
+        await broker.shutdown()
