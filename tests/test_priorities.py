@@ -18,6 +18,7 @@ from taskiq.formatters.json_formatter import JSONFormatter
 
 import taskiq_redis
 from taskiq_redis import keys, priorities, queues
+from taskiq_redis.brokers.base import BaseRedisBroker
 from tests.servers import RedisServers, Topology
 from tests.worker_process import WorkerProcess
 
@@ -39,8 +40,8 @@ def broker_class(kind: str, topology: Topology) -> str:
     )
 
 
-def make_broker(kind: str, topology: Topology, queue: str, **options: Any) -> AsyncBroker:
-    broker: AsyncBroker = getattr(taskiq_redis, broker_class(kind, topology))(
+def make_broker(kind: str, topology: Topology, queue: str, **options: Any) -> BaseRedisBroker:
+    broker: BaseRedisBroker = getattr(taskiq_redis, broker_class(kind, topology))(
         **topology.kwargs(), queue_name=queue, **options
     )
     return broker
@@ -107,6 +108,7 @@ def test_priority_label_values() -> None:
 
 def test_max_priority_option_is_checked() -> None:
     assert taskiq_redis.ListQueueBroker("redis://x", max_priority=0).max_priority == 0
+    bad: Any
     for bad, error in [(-1, ValueError), (100, ValueError), (2.0, TypeError), (True, TypeError)]:
         with pytest.raises(error, match="max_priority"):
             taskiq_redis.ListQueueBroker("redis://x", max_priority=bad)
@@ -142,7 +144,7 @@ async def test_a_bad_priority_label_is_refused_and_nothing_is_sent(
         with pytest.raises(ValueError, match=r"the priority label must be .* got "):
             await broker.kick(message("x", label, **labels))
         every_key = [*priorities.Levels(queue).by_level, keys.delayed_key(queue)]
-        raw: Any = broker._conn  # type: ignore[attr-defined]
+        raw = broker._conn
         if kind == "stream":
             assert sum([await raw.execute("XLEN", key) for key in every_key[:-1]]) == 0
         else:
@@ -180,8 +182,10 @@ async def test_a_high_priority_kick_behind_a_backlog_runs_next_in_a_real_worker(
     queue = f"worker{kind}{unique}"
     producer = make_broker(kind, topology, queue)
     await producer.startup()
-    config = {"broker": broker_class(kind, topology), "broker_kwargs": {**topology.kwargs()}}
-    config["broker_kwargs"]["queue_name"] = queue
+    config = {
+        "broker": broker_class(kind, topology),
+        "broker_kwargs": {**topology.kwargs(), "queue_name": queue},
+    }
     backlog = [f"low{number}" for number in range(6)]
     with WorkerProcess(
         "tests.apps.priority_app:broker", config=config, args=["--max-async-tasks", "1"]
