@@ -22,7 +22,7 @@ from taskiq_redis.brokers.base import BaseRedisBroker
 from tests.servers import RedisServers, Topology
 from tests.worker_process import WorkerProcess
 
-KINDS = ("list",)
+KINDS = ("stream", "list")
 WORK_TASK = "priority_app.work"  # tests/apps/priority_app.py
 
 

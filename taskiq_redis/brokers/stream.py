@@ -23,6 +23,12 @@ lost when a worker dies; three scripts keep those entries moving:
   way go together in the next), or one entry copied first to the dead-letter stream
   ``{queue}:dead`` (too many deliveries, no ``data`` field).
 
+A ``priority`` label sends the message to the stream of its level (see :mod:`priorities`; no
+label: the queue itself), one more stream in the same consumer group, so reclaim, renewal, acks
+and dead letters work on it as on any stream read. Reads name the levels highest first: the
+``stream_read`` script returns the first level that has new entries, and a native read, which
+may wake with several, hands the higher levels over first.
+
 taskiq skips the ack when a middleware or a dependency cleanup raises. The ``ack`` handed out
 with each message is a :class:`_Ack`; when taskiq lets go of the message without calling it, the
 object is collected and the entry is no longer renewed, so any consumer takes it again
@@ -50,7 +56,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection, delays, keys, scripts
+from taskiq_redis import connection, delays, keys, priorities, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
 from taskiq_redis.diagnostics import describe, server_message
 
@@ -206,8 +212,10 @@ class BaseStreamBroker(BaseRedisBroker):
         max_deliveries: int | None = None,
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
     ) -> None:
         super().__init__(conn, queue_name, result_backend, task_id_generator)
+        self.max_priority = priorities.check_max_priority(max_priority)
         self.consumer_group_name = consumer_group_name
         self.consumer_name = consumer_name or str(uuid.uuid4())
         self.consumer_id = consumer_id
@@ -230,13 +238,30 @@ class BaseStreamBroker(BaseRedisBroker):
         self._start_ids = {queue_name: consumer_id}
         for stream, start in self.additional_streams.items():
             self._start_ids.setdefault(stream, consumer_id if start == ">" else str(start))
-        self._streams = tuple(self._start_ids)
+        # Each stream read is a queue with priority levels; level n of every queue is read
+        # before level n - 1 of any, and each level stream's group starts where its queue's does.
+        self._levels = {q: priorities.Levels(q, self.max_priority) for q in self._start_ids}
+        self._queue_of: dict[str, str] = {}
+        self._level_of: dict[str, int] = {}
+        for level in range(self.max_priority, -1, -1):
+            for queue, levels in self._levels.items():
+                stream = levels.key(level)
+                self._start_ids.setdefault(stream, self._start_ids[queue])
+                self._queue_of.setdefault(stream, queue)
+                self._level_of.setdefault(stream, level)
+        self._streams = tuple(sorted(self._start_ids, key=self._level_of.__getitem__, reverse=True))
         # One XREADGROUP may only name streams of one cluster slot.
         by_slot: dict[int, list[str]] = {}
         for stream in self._streams:
             slot = key_slot(stream.encode()) if conn.is_cluster else 0
             by_slot.setdefault(slot, []).append(stream)
         self._read_groups = [tuple(streams) for streams in by_slot.values()]
+        self._tiers: dict[tuple[str, ...], list[int]] = {}  # streams per level, for stream_read
+        for streams in self._read_groups:
+            per_level: dict[int, int] = {}
+            for stream in streams:
+                per_level[self._level_of[stream]] = per_level.get(self._level_of[stream], 0) + 1
+            self._tiers[streams] = list(per_level.values())
 
         self._trim: tuple[Any, ...] = ()
         if self.maxlen is not None:
@@ -263,9 +288,11 @@ class BaseStreamBroker(BaseRedisBroker):
         self._acker: asyncio.Task[None] | None = None
         self._handed = 0  # messages handed to taskiq so far (see _Ack)
         self._collected_at = 0.0
+        self._checked = 0.0  # when Redis last said which levels have new entries (monotonic)
         self._closing = False
         trim = None if self.maxlen is None else (self.maxlen, approximate)
-        self._mover = delays.Mover(conn, {s: [s] for s in self._streams}, "stream", trim)
+        by_level = {queue: levels.by_level for queue, levels in self._levels.items()}
+        self._mover = delays.Mover(conn, by_level, "stream", trim)
 
     async def startup(self) -> None:
         """Load the scripts and create the consumer group on every stream read."""
@@ -276,7 +303,8 @@ class BaseStreamBroker(BaseRedisBroker):
 
     async def _create_group(self, stream: str, start: str) -> None:
         """XGROUP CREATE; a group that exists already is fine."""
-        mkstream = ("MKSTREAM",) if self.mkstream else ()
+        # A level stream is the broker's own: it is always created (mkstream is about the queue).
+        mkstream = ("MKSTREAM",) if self.mkstream or self._level_of.get(stream) else ()
         try:
             await self._conn.execute(
                 "XGROUP", "CREATE", stream, self.consumer_group_name, start, *mkstream
@@ -316,14 +344,17 @@ class BaseStreamBroker(BaseRedisBroker):
                 )
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Append the message to its stream: one XADD (trimmed to ``maxlen`` if set).
+        """Append the message to the stream of its level: one XADD (trimmed to ``maxlen`` if set).
 
         A message with a ``delay`` label waits in the stream's delayed set instead (see delays).
+        A bad label raises ValueError and nothing is sent.
         """
-        if await delays.defer(self._conn, self.queue_of(message), message):
+        queue = self.queue_of(message)
+        level = priorities.level_of(message.labels, self.max_priority)
+        if await delays.defer(self._conn, queue, message, level):
             return
         await self._conn.execute(
-            "XADD", self.queue_of(message), *self._trim, "*", DATA, message.message
+            "XADD", keys.priority_key(queue, level), *self._trim, "*", DATA, message.message
         )
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
@@ -338,6 +369,7 @@ class BaseStreamBroker(BaseRedisBroker):
         while True:
             self._keep_renewing()
             while self._ready:
+                await self._recheck()
                 entry = self._ready.popleft()
                 delivery = self._held.get((entry.stream, entry.entry_id))
                 if delivery is None:  # another consumer reclaimed it meanwhile
@@ -373,7 +405,38 @@ class BaseStreamBroker(BaseRedisBroker):
             entries = await self._reclaim()
             if entries:
                 return entries
-        return await self._read()
+        entries = await self._read()
+        self._checked = time.monotonic()
+        return entries
+
+    async def _recheck(self) -> None:
+        """Put new entries of the levels above the next entry in front of it, if it has waited.
+
+        An entry read a while ago (taskiq was busy) may by now have newer entries of higher
+        levels; these are read (``stream_read``) and handed over first. At most one such read
+        per :data:`priorities.RECHECK_SECONDS`; a failure is logged, and what is held goes on.
+        """
+        stream = self._ready[0].stream
+        level = self._level_of.get(stream, self.max_priority)
+        now = time.monotonic()
+        if level >= self.max_priority or now - self._checked <= priorities.RECHECK_SECONDS:
+            return
+        self._checked = now
+        above = self._levels[self._queue_of[stream]].read_order(above=level)
+        try:
+            higher = await self._await(self._read_higher(above))
+        except Exception as exc:  # the entries held go on
+            logger.warning(
+                "Checking the higher levels of %r failed: %s",
+                self._queue_of[stream],
+                describe(exc),
+            )
+            return
+        self._ready.extendleft(reversed(higher))
+
+    async def _read_higher(self, streams: tuple[str, ...]) -> list[_Entry]:
+        entries = await self._read_script(streams, self.count or 100, [1] * len(streams))
+        return self._hold(entries)
 
     def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run Redis work in a task of its own that a stop does not cancel (see module doc)."""
@@ -430,20 +493,10 @@ class BaseStreamBroker(BaseRedisBroker):
         short one, or when the script finds nothing, a native XREADGROUP blocks for new ones.
         """
         entries = []
-        if count is not None and self._full.get(streams):
-            reply = await scripts.run(
-                self._conn,
-                self._scripts[READ],
-                streams,
-                [self.consumer_group_name, self.consumer_name, count],
-            )
-            for stream, flat in zip(reply[::2], reply[1::2], strict=True):
-                name = _text(stream)
-                for entry_id, data in zip(flat[::2], flat[1::2], strict=True):
-                    if isinstance(data, bytes):
-                        entries.append(_Entry(name, _text(entry_id), 1, data))
-                    else:
-                        entries.append(_entry(name, entry_id, 1, data))
+        tiers = self._tiers[streams]
+        # With several levels the script also goes first, so a backlog is read level by level.
+        if count is not None and (self._full.get(streams) or len(tiers) > 1):
+            entries = await self._read_script(streams, count, tiers)
         if not entries:
             counting = () if count is None else ("COUNT", count)
             reply = await self._conn.execute(
@@ -458,23 +511,48 @@ class BaseStreamBroker(BaseRedisBroker):
                 entries += [
                     _entry(name, entry_id, 1, fields) for entry_id, fields in stream_entries
                 ]
+            # A read that woke with several levels hands the higher ones over first.
+            entries.sort(key=lambda entry: -self._level_of.get(entry.stream, 0))
         self._full[streams] = count is not None and len(entries) >= count
         return self._hold(entries)
+
+    async def _read_script(
+        self, streams: Iterable[str], count: int, tiers: list[int]
+    ) -> list[_Entry]:
+        """``stream_read``: new entries of the first tier of streams that has any, not held yet."""
+        reply = await scripts.run(
+            self._conn,
+            self._scripts[READ],
+            list(streams),
+            [self.consumer_group_name, self.consumer_name, count, *tiers],
+        )
+        entries = []
+        for stream, flat in zip(reply[::2], reply[1::2], strict=True):
+            name = _text(stream)
+            for entry_id, data in zip(flat[::2], flat[1::2], strict=True):
+                if isinstance(data, bytes):
+                    entries.append(_Entry(name, _text(entry_id), 1, data))
+                else:
+                    entries.append(_entry(name, entry_id, 1, data))
+        return entries
 
     async def _reclaim(self) -> list[_Entry]:
         """Claim entries idle longer than ``idle_timeout``, each stream on its own."""
         self._next_reclaim = time.monotonic() + self._reclaim_every
         entries: list[_Entry] = []
-        for stream in self._streams:
-            try:
-                claimed = await self._await(self._reclaim_stream(stream))
-            except Exception as exc:  # reading goes on; next scan retries
+        # Concurrent, so the streams (a queue's levels) go out together in one round trip.
+        results = await asyncio.gather(
+            *(self._await(self._reclaim_stream(stream)) for stream in self._streams),
+            return_exceptions=True,
+        )
+        for stream, claimed in zip(self._streams, results, strict=True):
+            if isinstance(claimed, BaseException):
                 logger.warning(
                     "Reclaiming idle entries of stream %r failed; retrying: %s",
                     stream,
-                    describe(exc),
+                    describe(claimed),
                 )
-                if _no_group(exc):
+                if _no_group(claimed):
                     await self._await(self._recreate_group([stream]))
                 continue
             if len(claimed) >= self.unacknowledged_batch_size:
@@ -529,7 +607,7 @@ class BaseStreamBroker(BaseRedisBroker):
 
     async def _dead_letter(self, entry: _Entry, delivery: _Delivery, reason: str) -> None:
         """Copy the entry to the dead-letter stream and acknowledge it, in one script call."""
-        dead_key = keys.dead_letter_key(entry.stream)
+        dead_key = keys.dead_letter_key(self._queue_of.get(entry.stream, entry.stream))
         logger.error(
             "Entry %s of stream %r goes to %r: %s", entry.entry_id, entry.stream, dead_key, reason
         )
@@ -609,9 +687,8 @@ class BaseStreamBroker(BaseRedisBroker):
         backoff = connection.Backoff(first=0.1, cap=1.0)
         for attempt in range(1, ACK_ATTEMPTS + 1):
             try:
-                await scripts.run(
-                    self._conn, self._scripts[ACK], [stream, keys.dead_letter_key(stream)], args
-                )
+                dead_key = keys.dead_letter_key(self._queue_of.get(stream, stream))
+                await scripts.run(self._conn, self._scripts[ACK], [stream, dead_key], args)
                 break
             except Exception as exc:  # whatever it is, the entries come back
                 if attempt == ACK_ATTEMPTS or not isinstance(exc, connection.TRANSIENT_ERRORS):
@@ -774,6 +851,7 @@ class RedisStreamBroker(connection.SingleNodeAttributes, BaseStreamBroker):
         max_deliveries: int | None = None,
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -794,6 +872,7 @@ class RedisStreamBroker(connection.SingleNodeAttributes, BaseStreamBroker):
             max_deliveries,
             result_backend,
             task_id_generator,
+            max_priority,
         )
 
 
@@ -821,6 +900,7 @@ class RedisStreamClusterBroker(connection.ClusterAttributes, BaseStreamBroker):
         max_deliveries: int | None = None,
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -841,6 +921,7 @@ class RedisStreamClusterBroker(connection.ClusterAttributes, BaseStreamBroker):
             max_deliveries,
             result_backend,
             task_id_generator,
+            max_priority,
         )
 
 
@@ -871,6 +952,7 @@ class RedisStreamSentinelBroker(connection.SentinelAttributes, BaseStreamBroker)
         max_deliveries: int | None = None,
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
+        max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -898,4 +980,5 @@ class RedisStreamSentinelBroker(connection.SentinelAttributes, BaseStreamBroker)
             max_deliveries,
             result_backend,
             task_id_generator,
+            max_priority,
         )
