@@ -74,7 +74,7 @@ class QueueView:
     """One queue: ``kind`` is stream, list, or none (no key: empty, or never used).
 
     ``length`` counts every priority level; ``levels`` has the length of each level above 0
-    that has a key (a queue without priorities has none). A stream's groups and consumers add
+    that holds messages (a queue without priorities has none). A stream's groups and consumers add
     up their level streams. A queue found by :func:`discover` through its delayed or dead-letter
     key may have a key of another type (``kind`` names it, ``length`` is None): its delayed
     messages cannot be moved.
@@ -176,7 +176,7 @@ async def inspect(
     base, *lengths = await asyncio.gather(
         *(conn.execute(length_of, key) for key in [queue, *(key for key, _ in found.values())])
     )
-    levels = {level: int(length) for level, length in zip(found, lengths, strict=True)}
+    levels = {level: int(n) for level, n in zip(found, lengths, strict=True) if int(n)}
     length = int(base) + sum(levels.values())
     if kind != "stream":
         return QueueView(queue, kind, length, delayed, dead, levels=levels)

@@ -118,6 +118,7 @@ async def test_queues_shows_what_is_in_redis(
             "delayed": 0,
             "dead_letters": 0,
             "groups": [],
+            "levels": {},
         }
 
         human = run_cli("queues", queue, *server_args(topology))

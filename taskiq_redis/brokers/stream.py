@@ -241,6 +241,7 @@ class BaseStreamBroker(BaseRedisBroker):
         # Each stream read is a queue with priority levels; level n of every queue is read
         # before level n - 1 of any, and each level stream's group starts where its queue's does.
         self._levels = {q: priorities.Levels(q, self.max_priority) for q in self._start_ids}
+        self._queues = tuple(self._levels)  # as logs name them: with their levels
         self._queue_of: dict[str, str] = {}
         self._level_of: dict[str, int] = {}
         for level in range(self.max_priority, -1, -1):
@@ -386,7 +387,7 @@ class BaseStreamBroker(BaseRedisBroker):
                 self._ready.extend(await self._fetch())
             except Exception as exc:  # redis-py raises more than RedisError
                 logger.warning(
-                    "Reading streams %s failed; retrying: %s", self._streams, describe(exc)
+                    "Reading streams %s failed; retrying: %s", self._queues, describe(exc)
                 )
                 await backoff.wait()
             else:
@@ -481,7 +482,7 @@ class BaseStreamBroker(BaseRedisBroker):
             raise failure
         if failure is not None:
             logger.warning(
-                "Reading streams %s failed; retrying: %s", self._streams, describe(failure)
+                "Reading streams %s failed; retrying: %s", self._queues, describe(failure)
             )
         return entries
 
@@ -540,19 +541,16 @@ class BaseStreamBroker(BaseRedisBroker):
         """Claim entries idle longer than ``idle_timeout``, each stream on its own."""
         self._next_reclaim = time.monotonic() + self._reclaim_every
         entries: list[_Entry] = []
-        # Concurrent, so the streams (a queue's levels) go out together in one round trip.
-        results = await asyncio.gather(
-            *(self._await(self._reclaim_stream(stream)) for stream in self._streams),
-            return_exceptions=True,
-        )
-        for stream, claimed in zip(self._streams, results, strict=True):
-            if isinstance(claimed, BaseException):
+        for stream in self._streams:
+            try:
+                claimed = await self._await(self._reclaim_stream(stream))
+            except Exception as exc:  # reading goes on; next scan retries
                 logger.warning(
                     "Reclaiming idle entries of stream %r failed; retrying: %s",
                     stream,
-                    describe(claimed),
+                    describe(exc),
                 )
-                if _no_group(claimed):
+                if _no_group(exc):
                     await self._await(self._recreate_group([stream]))
                 continue
             if len(claimed) >= self.unacknowledged_batch_size:
