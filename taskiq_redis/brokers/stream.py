@@ -128,7 +128,13 @@ def _by_stream(reply: Any) -> Iterable[tuple[Any, list[Any]]]:
 
 
 def _no_group(error: BaseException) -> bool:
-    return isinstance(error, ResponseError) and server_message(error).startswith("NOGROUP")
+    """Whether the server lost the group: from a command, or from a script (``script x: ...``)."""
+    if not isinstance(error, ResponseError):
+        return False
+    message = server_message(error)
+    if message.startswith("script "):
+        message = message.partition(": ")[2]
+    return message.startswith("NOGROUP")
 
 
 def _entry(stream: str, entry_id: Any, deliveries: int, fields: Any) -> _Entry:
