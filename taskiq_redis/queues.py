@@ -312,16 +312,21 @@ async def dead_letters(
 
 
 async def requeue_dead_letters(
-    target: RedisConnection | BaseRedisBroker, queue: str, limit: int | None = None
+    target: RedisConnection | BaseRedisBroker,
+    queue: str,
+    limit: int | None = None,
+    max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
 ) -> tuple[int, int]:
     """Move dead letters back to ``queue``, oldest first, at most ``limit`` (None: all).
 
     Each batch is one atomic script call: an entry is either still a dead letter or back in
-    the queue, never both or neither. Returns (requeued, skipped); skipped entries have no
+    the queue (at the priority level it came from, up to ``max_priority``), never both or
+    neither. Returns (requeued, skipped); skipped entries have no
     ``data`` field, so there is nothing to run, and they stay.
     """
     conn = _conn(target)
     script = scripts.get(REQUEUE)
+    levels = priorities.Levels(queue, max_priority)
     requeued = skipped = 0
     start = "-"
     while limit is None or requeued + skipped < limit:
@@ -331,7 +336,7 @@ async def requeue_dead_letters(
             else min(DEAD_LETTER_BATCH, limit - requeued - skipped)
         )
         moved, kept, last = await scripts.run(
-            conn, script, [keys.dead_letter_key(queue), queue], [start, batch]
+            conn, script, [keys.dead_letter_key(queue), *levels.by_level], [start, batch]
         )
         requeued += int(moved)
         skipped += int(kept)

@@ -271,3 +271,58 @@ async def test_the_operators_view_counts_every_level(
         assert not [name for name in found if "priority" in name]
     finally:
         await broker.shutdown()
+
+
+async def test_acks_reclaim_and_dead_letters_work_at_every_level(
+    topology: Topology, raw_redis: Any, unique: str
+) -> None:
+    """Level streams are streams of the group like any other: entries are acked and deleted,
+    a dead consumer's entries are reclaimed, too many deliveries go to the queue's dead letters,
+    and a requeued dead letter goes back to its level."""
+    queue = f"levels{unique}"
+    level = {n: keys.priority_key(queue, n) for n in (3, 7, 8)}
+    options = {"idle_timeout": 300}
+    first = make_broker("stream", topology, queue, **options)
+    await first.startup()
+    await first.kick(message("acked", 3))
+    await first.kick(message("lost", 7))
+    await first.kick(message("doomed", 8))
+    # A consumer that dies holding the level 7 and 8 entries.
+    for key in (level[7], level[8]):
+        await raw_redis.xreadgroup("taskiq", "dead", {key: ">"}, count=1)
+    try:
+        taken = [body_of(received) async for received in receive(first, 2)]
+    finally:
+        await first.shutdown()
+    assert taken == ["acked", "doomed"] or taken == ["acked", "lost"], taken
+    # ... one of the two reclaimed after idle_timeout, the other still pending: a broker that
+    # dead-letters anything delivered more than once takes it now.
+    strict = make_broker("stream", topology, queue, max_deliveries=1, **options)
+    await strict.startup()
+    listener = strict.listen()
+    reader = asyncio.ensure_future(anext(listener))
+    try:
+        for _ in range(100):
+            if await raw_redis.xlen(keys.dead_letter_key(queue)) == 1:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await listener.aclose()
+        await strict.shutdown()
+    [(_, fields)] = await raw_redis.xrange(keys.dead_letter_key(queue))
+    dead_stream = fields[b"stream"].decode()
+    assert dead_stream in (level[7], level[8])
+    assert fields[b"deliveries"] == b"2"
+    for key in level.values():
+        assert await raw_redis.xlen(key) == 0, key  # acked entries are deleted
+        assert (await raw_redis.xpending(key, "taskiq"))["pending"] == 0, key
+    assert not await raw_redis.exists(keys.dead_letter_key(dead_stream))  # no dead key per level
+
+    operator = make_broker("stream", topology, queue)
+    try:
+        assert await queues.requeue_dead_letters(operator, queue) == (1, 0)
+    finally:
+        await operator.shutdown()
+    assert await raw_redis.xlen(dead_stream) == 1  # back at its own level
