@@ -67,6 +67,7 @@ async def use_every_script(url: str, unique: str) -> None:
     await lists.startup()
     await kick(lists)
     await kick(lists, delay=0.2)  # delay_add; listening runs delay_move
+    await kick(lists, priority=5)  # list_pop reads the level keys too
     await asyncio.wait_for(anext(lists.listen()), 10)
     await lists.shutdown()
 
@@ -76,6 +77,7 @@ async def use_every_script(url: str, unique: str) -> None:
     await kick(stream)
     await kick(stream)
     await kick(stream, delay=0.2)
+    await kick(stream, priority=5, delay=0.2)  # stream_read over the level streams
     listener = stream.listen()
     for _ in range(2):
         first = await asyncio.wait_for(anext(listener), 10)
