@@ -94,8 +94,9 @@ class BaseListQueueBroker(BaseRedisBroker):
     async def listen(self) -> AsyncGenerator[bytes, None]:
         """Yield messages highest level first and oldest first within a level.
 
-        Connection errors are logged and waited out. On a clean stop (the generator is closed
-        or cancelled) the messages already popped but not yet yielded go back to their lists.
+        Redis errors are logged and waited out, never raised. On a clean stop (the generator is
+        closed or cancelled) the messages already popped but not yet yielded go back to their
+        lists.
         """
         popped: deque[_Popped] = deque()
         checked = 0.0  # when Redis last said which levels hold messages (monotonic)
@@ -114,7 +115,7 @@ class BaseListQueueBroker(BaseRedisBroker):
                     yield popped.popleft()[1]
                 try:
                     popped.extend(await self._pop_batch())
-                except connection.TRANSIENT_ERRORS as exc:
+                except Exception as exc:  # any Redis error (WRONGTYPE too) must not end a worker
                     logger.warning(
                         "Reading queue %r failed; retrying: %s", self.queue_name, describe(exc)
                     )
@@ -151,7 +152,7 @@ class BaseListQueueBroker(BaseRedisBroker):
         """
         try:
             return await self._finish(self._take_batch(above=level))
-        except connection.TRANSIENT_ERRORS as exc:
+        except Exception as exc:  # whatever it is, the held messages go on
             logger.warning(
                 "Checking the higher levels of %r failed: %s", self.queue_name, describe(exc)
             )
