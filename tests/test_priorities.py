@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from taskiq_redis import keys, priorities, queues
 from taskiq_redis.brokers.base import BaseRedisBroker
 from tests.servers import RedisServers, Topology
 from tests.worker_process import WorkerProcess
+
+TASKIQ_013 = tuple(int(part) for part in version("taskiq").split(".")[:2]) >= (0, 13)
 
 KINDS = ("stream", "list")
 WORK_TASK = "priority_app.work"  # tests/apps/priority_app.py
@@ -199,7 +202,11 @@ async def test_a_high_priority_kick_behind_a_backlog_runs_next_in_a_real_worker(
         log = worker.output()
     await producer.shutdown()
     started = re.findall(r"started (\w+)", log)
-    assert started[:4] == ["low0", "high", "low1", "low2"], log
+    # taskiq 0.13's receiver takes a message only when it can start it; 0.12's takes one more
+    # ahead while a task runs, and that one (low1) was already taskiq's when `high` came.
+    taken_ahead = [] if TASKIQ_013 else ["low1"]
+    expected = ["low0", *taken_ahead, "high", "low1", "low2", "low3"]
+    assert started[:4] == list(dict.fromkeys(expected))[:4], log
 
 
 @pytest.mark.parametrize("kind", KINDS)
