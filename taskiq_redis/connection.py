@@ -121,7 +121,7 @@ class RedisConnection:
         while self._watch is me:
             try:
                 named = await pool.get_master_address()  # type: ignore[no-untyped-call]
-            except (redis_errors.RedisError, OSError) as error:
+            except Exception as error:  # the watch must outlive any error (asyncio timeouts too)
                 logger.debug("Asking the sentinels for the primary failed: %s", describe(error))
                 named = primary
             if primary is not None and named != primary:
