@@ -7,77 +7,32 @@ clock; the listeners' mover puts it on the queue then, exactly once.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage
-from taskiq.formatters.json_formatter import JSONFormatter
 
 import taskiq_redis
 from taskiq_redis import connection, delays, keys
+from tests.queue_kinds import KINDS, body_of, broker_class, make_broker, receive
+from tests.queue_kinds import message as queue_message
 from tests.servers import RedisServers, Topology
 from tests.worker_process import WorkerProcess
 
-KINDS = ("stream", "list")
 # The tasks of tests/apps/ops_app.py (it builds its broker on import, so only a worker imports it).
 RECORD_TASK, FLAKY_TASK, RETRY_DELAY = "ops_app.record", "ops_app.flaky", 2.0
 
 
-def broker_class(kind: str, topology: Topology) -> str:
-    if kind == "stream":
-        return topology.pick(
-            single="RedisStreamBroker",
-            cluster="RedisStreamClusterBroker",
-            sentinel="RedisStreamSentinelBroker",
-        )
-    return topology.pick(
-        single="ListQueueBroker",
-        cluster="ListQueueClusterBroker",
-        sentinel="ListQueueSentinelBroker",
-    )
-
-
-def make_broker(kind: str, topology: Topology, queue: str) -> AsyncBroker:
-    broker: AsyncBroker = getattr(taskiq_redis, broker_class(kind, topology))(
-        **topology.kwargs(), queue_name=queue
-    )
-    return broker
-
-
 def message(body: str, delay: Any = None) -> BrokerMessage:
     """A real taskiq message (the stream broker dead-letters anything else) with id ``body``."""
-    labels = {} if delay is None else {"delay": delay}
-    payload = TaskiqMessage(task_id=body, task_name="t", labels=labels, args=[], kwargs={})
-    return BrokerMessage(
-        task_id=body, task_name="t", message=JSONFormatter().dumps(payload).message, labels=labels
-    )
-
-
-def body_of(received: Any) -> str:
-    data = received if isinstance(received, bytes) else received.data
-    task_id: str = json.loads(data)["task_id"]
-    return task_id
+    return queue_message(body, delay=delay)
 
 
 async def server_ms(raw_redis: Any) -> int:
     seconds, micros = await raw_redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-async def receive(broker: AsyncBroker, count: int, timeout: float = 15) -> AsyncIterator[Any]:
-    listener = broker.listen()
-    try:
-        for _ in range(count):
-            received = await asyncio.wait_for(anext(listener), timeout)
-            if not isinstance(received, bytes) and (acked := received.ack()) is not None:
-                await acked
-            yield received
-    finally:
-        await listener.aclose()
 
 
 @pytest.mark.parametrize("kind", KINDS)

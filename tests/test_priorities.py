@@ -7,47 +7,23 @@ queue; listeners take the highest level that holds messages, oldest first within
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
 import pytest
-from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage
-from taskiq.formatters.json_formatter import JSONFormatter
+from taskiq import BrokerMessage
 
 import taskiq_redis
 from taskiq_redis import keys, priorities, queues
-from taskiq_redis.brokers.base import BaseRedisBroker
+from tests.queue_kinds import KINDS, acked, body_of, broker_class, make_broker, receive
+from tests.queue_kinds import message as queue_message
 from tests.servers import RedisServers, Topology
 from tests.worker_process import WorkerProcess
 
 TASKIQ_013 = tuple(int(part) for part in version("taskiq").split(".")[:2]) >= (0, 13)
 
-KINDS = ("stream", "list")
 WORK_TASK = "priority_app.work"  # tests/apps/priority_app.py
-
-
-def broker_class(kind: str, topology: Topology) -> str:
-    if kind == "stream":
-        return topology.pick(
-            single="RedisStreamBroker",
-            cluster="RedisStreamClusterBroker",
-            sentinel="RedisStreamSentinelBroker",
-        )
-    return topology.pick(
-        single="ListQueueBroker",
-        cluster="ListQueueClusterBroker",
-        sentinel="ListQueueSentinelBroker",
-    )
-
-
-def make_broker(kind: str, topology: Topology, queue: str, **options: Any) -> BaseRedisBroker:
-    broker: BaseRedisBroker = getattr(taskiq_redis, broker_class(kind, topology))(
-        **topology.kwargs(), queue_name=queue, **options
-    )
-    return broker
 
 
 def message(
@@ -58,38 +34,7 @@ def message(
     **labels: Any,
 ) -> BrokerMessage:
     """A real taskiq message with id ``body`` (the stream broker dead-letters anything else)."""
-    if priority is not None:
-        labels["priority"] = priority
-    payload = TaskiqMessage(
-        task_id=body, task_name=task_name, labels=labels, args=args or [], kwargs={}
-    )
-    return BrokerMessage(
-        task_id=body,
-        task_name=task_name,
-        message=JSONFormatter().dumps(payload).message,
-        labels=labels,
-    )
-
-
-def body_of(received: Any) -> str:
-    data = received if isinstance(received, bytes) else received.data
-    task_id: str = json.loads(data)["task_id"]
-    return task_id
-
-
-async def acked(received: Any) -> Any:
-    if not isinstance(received, bytes) and (ack := received.ack()) is not None:
-        await ack
-    return received
-
-
-async def receive(broker: AsyncBroker, count: int, timeout: float = 15) -> AsyncIterator[Any]:
-    listener = broker.listen()
-    try:
-        for _ in range(count):
-            yield await acked(await asyncio.wait_for(anext(listener), timeout))
-    finally:
-        await listener.aclose()
+    return queue_message(body, task_name, args, priority=priority, **labels)
 
 
 async def length(raw_redis: Any, kind: str, key: str) -> int:
