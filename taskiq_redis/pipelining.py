@@ -98,6 +98,7 @@ class AutoPipeline:
         # check); the connection goes back to the pool as soon as the event loop gets round
         # to it with no command in between, so the pool never waits on an idle one.
         self._holder: Redis | None = None
+        self._holder_busy = False
         self._kept: Any = None
         if isinstance(client, Redis):
             self._holder = Redis(connection_pool=client.connection_pool)
@@ -239,21 +240,28 @@ class AutoPipeline:
         if server.node is not None:
             return await self._direct(args, options)
         holder = self._holder
-        if holder is None or holder.connection is not None:  # the holder is in use
+        if holder is None or self._holder_busy:  # the holder is in use
             return await self._client.execute_command(*args, **options)
-        connection, self._kept = self._kept, None
-        if connection is None:
-            connection = await holder.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        holder.connection = connection
+        # Taken before the first await: a second caller that also found the holder free while
+        # this one waited for a connection would swap the holder's connection under it, and
+        # redis-py would then release a connection that is still kept (two users, one socket).
+        self._holder_busy = True
         try:
-            return await holder.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            connection, self._kept = self._kept, None
+            if connection is None:
+                connection = await holder.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            holder.connection = connection
+            try:
+                return await holder.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            finally:
+                holder.connection = None
+                if self._kept is None:
+                    self._kept = connection
+                    asyncio.get_running_loop().call_soon(self._give_back, connection)
+                else:
+                    self._release(connection)
         finally:
-            holder.connection = None
-            if self._kept is None:
-                self._kept = connection
-                asyncio.get_running_loop().call_soon(self._give_back, connection)
-            else:
-                self._release(connection)
+            self._holder_busy = False
 
     def _give_back(self, connection: Any) -> None:
         """Return the kept connection to the pool unless a command took it meanwhile."""

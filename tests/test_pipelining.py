@@ -96,3 +96,38 @@ async def test_blocking_commands_never_hold_up_a_batch(
     assert not waiting.done(), "the BRPOP should still be waiting for its message"
     await conn.execute("LPUSH", queue, "wake")
     assert tuple(await waiting) == (queue.encode(), b"wake")
+
+
+@pytest.mark.parametrize("topology", ["single", "sentinel"], indirect=True)
+async def test_every_reply_reaches_its_own_caller_while_lanes_and_a_small_pool_race(
+    topology: Topology,
+) -> None:
+    """Callers that follow each other, slow round trips that start second lanes and a pool of
+    2 that makes callers wait for a connection: no socket is ever used by two callers at once.
+    """
+    kwargs = topology.kwargs()
+    conn = (
+        connection.single_node(kwargs["url"], 2)
+        if topology.name == "single"
+        else connection.sentinel(
+            kwargs["sentinels"], kwargs["master_name"], max_connection_pool_size=2
+        )
+    )
+
+    async def chain(number: int) -> None:
+        for step in range(150):
+            if step % 25 == number % 25:
+                await conn.execute("DEBUG", "SLEEP", "0.03")
+            text = f"{number}-{step}"
+            assert await conn.execute("ECHO", text) == text.encode()
+
+    async def block(rounds: int) -> None:  # holds a pooled connection now and then
+        for _ in range(rounds):
+            await conn.execute("BLPOP", f"nothing-{id(conn)}", 0.05)
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(block(20), *(chain(number) for number in range(6))), 60
+        )
+    finally:
+        await conn.close()
