@@ -395,6 +395,45 @@ async def test_script_flush_while_in_use(
     assert await length(raw_redis, broker.queue_name) == 0
 
 
+async def test_an_ack_cancelled_in_flight_is_made_or_the_message_comes_back(
+    broker: BaseStreamBroker, raw_redis: AsyncRedisClient
+) -> None:
+    """A task cancelled while its ack waits on the server: the ack is made, or the message is
+    delivered again; it is never held (and renewed) for ever as if it had been acknowledged."""
+    stream = broker.listen()
+    task_id = await kick(broker, 1)
+    [held] = await receive(stream, 1, ack=False)
+    await pause_server_of(raw_redis, broker.queue_name, 1000)  # the ack waits on the server
+    acking = asyncio.ensure_future(held.ack())  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert not acking.done(), "the server was not paused"
+    acking.cancel()
+    await asyncio.wait({acking})
+    again = asyncio.ensure_future(anext(stream))
+    deadline = time.monotonic() + PATIENCE
+    while not again.done() and await pending(raw_redis, broker.queue_name) > 0:
+        assert time.monotonic() < deadline, "neither acknowledged nor delivered again"
+        await asyncio.sleep(0.1)
+    if again.done():
+        assert parsed(broker, again.result()).task_id == task_id
+        await again.result().ack()  # type: ignore[misc]
+    else:
+        again.cancel()
+        await asyncio.wait({again})
+    await stream.aclose()
+    assert await pending(raw_redis, broker.queue_name) == 0
+
+
+async def pause_server_of(raw: AsyncRedisClient, key: str, ms: int) -> None:
+    """CLIENT PAUSE on the server that holds ``key``."""
+    if isinstance(raw, RedisCluster):
+        await raw.exists(key)  # the client learns the slot table on its first command
+        node = raw.get_node_from_key(key)
+        await raw.execute_command("CLIENT", "PAUSE", ms, target_nodes=node)
+    else:
+        await raw.execute_command("CLIENT", "PAUSE", ms)
+
+
 async def flush_scripts(raw: AsyncRedisClient) -> None:
     if isinstance(raw, RedisCluster):
         await raw.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)

@@ -89,6 +89,8 @@ ACK_LINGER_SECONDS = 0.002
 ACK_ATTEMPTS = 4
 
 _Key = tuple[str, str]  # (stream, entry id)
+# An ack waiting for the next call: entry id, its delivery, the future its caller awaits.
+_AckItem = tuple[str, "_Delivery", "asyncio.Future[None] | None"]
 
 
 def _whole(name: str, value: Any, minimum: int, optional: bool = False) -> Any:
@@ -181,19 +183,11 @@ class _Ack:
         broker._handed += 1
 
     def __call__(self) -> Awaitable[None]:
-        delivery = self._delivery
-        if delivery.acking:
-            return _done()
-        delivery.acking = True
-        return self._broker._ack(self._stream, self._entry_id, delivery)
+        return self._broker._ack(self._stream, self._entry_id, self._delivery)
 
     def __del__(self) -> None:
         if not self._delivery.acking:
             self._delivery.dropped = True
-
-
-async def _done() -> None:
-    return None
 
 
 class BaseStreamBroker(BaseRedisBroker):
@@ -291,8 +285,8 @@ class BaseStreamBroker(BaseRedisBroker):
         self._cursors = dict.fromkeys(self._streams, "0-0")
         self._next_reclaim = 0.0
         self._renewer: asyncio.Task[None] | None = None
-        self._acks: dict[str, list[tuple[str, _Delivery, asyncio.Future[None]]]] = {}
-        self._acker: asyncio.Task[None] | None = None
+        self._acks: dict[str, list[_AckItem]] = {}
+        self._ack_call = False  # an ack call is under way (see _ack)
         self._handed = 0  # messages handed to taskiq so far (see _Ack)
         self._collected_at = 0.0
         self._checked = 0.0  # when Redis last said which levels have new entries (monotonic)
@@ -644,26 +638,44 @@ class BaseStreamBroker(BaseRedisBroker):
         finally:
             self._forget(entry.stream, entry.entry_id, delivery)
 
-    def _ack(self, stream: str, entry_id: str, delivery: _Delivery) -> asyncio.Future[None]:
-        """Acknowledge one entry; acks that gather meanwhile go together in one script call.
+    async def _ack(self, stream: str, entry_id: str, delivery: _Delivery) -> None:
+        """Acknowledge one entry: at once when no ack call is under way, else with the next call.
 
-        The future never fails: an ack that cannot be made is logged, and the entry, no longer
-        renewed, is delivered again after ``idle_timeout`` (at-least-once).
+        With no call under way the ack goes in the caller's task, one round trip as a bare XACK
+        costs (a task and a future in between cost a waiting caller ~170 us); acks arriving
+        while a call is under way go together in the next one, from a task of its own. Nothing
+        happens until the returned coroutine is awaited: an ack that is never awaited leaves
+        the message to be collected as dropped, and delivered again. It never raises but
+        CancelledError: an ack that cannot be made is logged, and the entry, no longer renewed,
+        is delivered again after ``idle_timeout`` (at-least-once).
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks.setdefault(stream, []).append((entry_id, delivery, done))
-        if self._acker is None or self._acker.done():
-            self._acker = self._spawn(self._send_acks())
-        return done
+        if delivery.acking:
+            return
+        delivery.acking = True
+        if self._ack_call:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._acks.setdefault(stream, []).append((entry_id, delivery, done))
+            await done
+            return
+        self._ack_call = True
+        handed = self._handed
+        try:
+            await self._ack_stream(stream, [(entry_id, delivery, None)])
+        finally:
+            self._after_ack_call(busy=self._handed != handed)
 
-    async def _send_acks(self) -> None:
-        # One ack call in flight at a time; the acks that arrive while it is under way go
-        # together in the next. A first ack goes at once. The next call waits ACK_LINGER_SECONDS
-        # for company only if taskiq took more messages while the last call was under way: the
-        # worker does not wait for its acks, so more are coming. A caller that awaits each ack
-        # before taking the next message never waits.
-        busy = False
-        while self._acks:
+    def _after_ack_call(self, busy: bool) -> None:
+        """An ack call is back: the acks that gathered meanwhile go in the next one."""
+        self._ack_call = bool(self._acks)
+        if self._acks:
+            self._spawn(self._send_acks(busy))
+
+    async def _send_acks(self, busy: bool) -> None:
+        # The acks gathered during the last call. When taskiq took more messages while it was
+        # under way (``busy``: a worker does not wait for its acks, so more are coming), this
+        # call first waits ACK_LINGER_SECONDS for company. A caller that awaits each ack before
+        # taking the next message never waits.
+        try:
             if busy and sum(map(len, self._acks.values())) < ACK_BATCH:
                 await asyncio.sleep(ACK_LINGER_SECONDS)
             batch, self._acks = self._acks, {}
@@ -680,33 +692,40 @@ class BaseStreamBroker(BaseRedisBroker):
                 busy = self._handed != handed  # before the callers wake up and take more
                 for items in batch.values():
                     for _, _, done in items:
-                        if not done.done():
+                        if done is not None and not done.done():
                             done.set_result(None)
+        finally:
+            self._after_ack_call(busy)
 
-    async def _ack_stream(
-        self, stream: str, items: list[tuple[str, _Delivery, asyncio.Future[None]]]
-    ) -> None:
-        """One ``stream_ack`` call, retried on connection errors (acking twice is harmless)."""
+    async def _ack_stream(self, stream: str, items: list[_AckItem]) -> None:
+        """One ``stream_ack`` call, retried on connection errors (acking twice is harmless).
+
+        The entries are no longer held afterwards, also when the caller is cancelled: an ack
+        that did not reach Redis is then delivered again after ``idle_timeout``.
+        """
         args: list[EncodableT] = [self.consumer_group_name, 0, *(entry for entry, _, _ in items)]
+        dead_key = keys.dead_letter_key(self._queue_of.get(stream, stream))
         backoff = connection.Backoff(first=0.1, cap=1.0)
-        for attempt in range(1, ACK_ATTEMPTS + 1):
-            try:
-                dead_key = keys.dead_letter_key(self._queue_of.get(stream, stream))
-                await scripts.run(self._conn, self._scripts[ACK], [stream, dead_key], args)
-                break
-            except Exception as exc:  # whatever it is, the entries come back
-                if attempt == ACK_ATTEMPTS or not isinstance(exc, connection.TRANSIENT_ERRORS):
-                    logger.error(
-                        "Acknowledging %d entries of stream %r failed; they are delivered "
-                        "again after idle_timeout: %s",
-                        len(items),
-                        stream,
-                        describe(exc),
-                    )
-                    break
-                await backoff.wait()
-        for entry_id, delivery, _ in items:
-            self._forget(stream, entry_id, delivery)
+        try:
+            for attempt in range(1, ACK_ATTEMPTS + 1):
+                try:
+                    await scripts.run(self._conn, self._scripts[ACK], [stream, dead_key], args)
+                    return
+                except Exception as exc:  # whatever it is, the entries come back
+                    final = attempt == ACK_ATTEMPTS
+                    if final or not isinstance(exc, connection.TRANSIENT_ERRORS):
+                        logger.error(
+                            "Acknowledging %d entries of stream %r failed; they are delivered "
+                            "again after idle_timeout: %s",
+                            len(items),
+                            stream,
+                            describe(exc),
+                        )
+                        return
+                    await backoff.wait()
+        finally:
+            for entry_id, delivery, _ in items:
+                self._forget(stream, entry_id, delivery)
 
     async def _keep_claims(self) -> None:
         """Renew the claim on every held entry, well within ``idle_timeout``; never ends.
