@@ -431,7 +431,7 @@ async def pause_server_of(raw: AsyncRedisClient, key: str, ms: int) -> None:
         node = raw.get_node_from_key(key)
         await raw.execute_command("CLIENT", "PAUSE", ms, target_nodes=node)
     else:
-        await raw.execute_command("CLIENT", "PAUSE", ms)
+        await raw.execute_command("CLIENT", "PAUSE", ms)  # type: ignore[no-untyped-call]
 
 
 async def flush_scripts(raw: AsyncRedisClient) -> None:
