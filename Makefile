@@ -4,8 +4,11 @@ VENV ?= .venv
 # Exact versions to install over what pyproject allows (the test matrix pins both ends).
 PINS ?=
 BIN := $(VENV)/bin
-# The stamp names the pins, so changing them reinstalls.
-STAMP := $(VENV)/.installed-$(shell echo '$(PINS)' | cksum | cut -d' ' -f1)
+# WITHOUT_HIREDIS=1 removes hiredis after installing: redis-py's pure-Python parser, which is
+# what installs where hiredis has no wheel (PyPy).
+WITHOUT_HIREDIS ?=
+# The stamp names the pins and the parser, so changing either reinstalls.
+STAMP := $(VENV)/.installed-$(shell echo '$(PINS) $(WITHOUT_HIREDIS)' | cksum | cut -d' ' -f1)
 REDIS_PORT ?= 6379
 
 .PHONY: install run test lint bench redis-up redis-down clean test-matrix test-low test-high \
@@ -16,7 +19,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]' $(PINS)
-	$(BIN)/python -m pip list 2>/dev/null | grep -iE '^(redis|taskiq) ' | tr -s ' ' | paste -sd ' '
+	$(if $(WITHOUT_HIREDIS),$(BIN)/python -m pip uninstall -q -y hiredis)
+	$(BIN)/python -m pip list 2>/dev/null | grep -iE '^(redis|taskiq|hiredis) ' | tr -s ' ' | paste -sd ' '
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,11 +41,12 @@ lint: install
 
 # The version matrix CI runs (README, "Compatibility"): `make test` once per entry, each in a
 # virtualenv of its own. The low end is the oldest of everything pyproject allows, the high end
-# the newest; the Valkey run swaps the server programs the suite starts.
+# the newest; the Valkey run swaps the server programs the suite starts, and runs without
+# hiredis, so redis-py's pure-Python parser is tested too.
 LOW_PYTHON := 3.10
-LOW_PINS := redis==7.2.0 taskiq==0.12.0
+LOW_PINS := redis==7.2.0 taskiq==0.12.0 hiredis==3.2.0
 HIGH_PYTHON := 3.13
-HIGH_PINS := redis==8.1.0 taskiq==0.13.0
+HIGH_PINS := redis==8.1.0 taskiq==0.13.0 hiredis==3.5.0
 # pythonX.Y from PATH, else from pyenv's versions (a pyenv shim fails for a version not selected).
 find-python = $(or $(firstword $(foreach candidate,python$(1) \
 	$(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)) \
@@ -60,8 +65,8 @@ test-high:
 test-valkey:
 	bash tools/ensure-redis.sh valkey
 	TASKIQ_REDIS_TEST_SERVER=valkey-server TASKIQ_REDIS_TEST_SENTINEL=valkey-sentinel \
-		$(MAKE) test VENV=.venv-matrix/high PYTHON=$(call find-python,$(HIGH_PYTHON)) \
-		PINS='$(HIGH_PINS)'
+		$(MAKE) test VENV=.venv-matrix/valkey PYTHON=$(call find-python,$(HIGH_PYTHON)) \
+		PINS='$(HIGH_PINS)' WITHOUT_HIREDIS=1
 
 bench: install
 	$(BIN)/python bench/run.py
