@@ -94,7 +94,7 @@ async def test_messages_taskiq_did_not_ack_come_back_and_the_worker_goes_on(
     assert all(runs[f"{kind}{i}"] == 2 for kind in "mc" for i in range(50)), runs
     # The README's bound: 4/3 of idle_timeout plus a second; the rest is a loaded machine.
     assert came_back < idle_ms * 4 / 3000 + 1 + 8, came_back
-    assert await pending(raw_redis, producer.queue_name) == 0
+    await eventually(lambda: pending(raw_redis, producer.queue_name), 0, "every entry acked")
 
 
 async def test_concurrency_is_taskiqs_max_async_tasks(
@@ -202,7 +202,7 @@ async def test_nothing_added_after_the_group_was_lost_is_lost(
     finally:
         consumer.cancel()
         await asyncio.wait([consumer])
-    assert await pending(raw_redis, queue) == 0
+    await eventually(lambda: pending(raw_redis, queue), 0, "every entry acknowledged")
 
 
 @pytest.mark.parametrize("topology", ["cluster"], indirect=True)

@@ -21,7 +21,9 @@ lost when a worker dies; three scripts keep those entries moving:
   the next reclaim by any consumer takes it at once instead of after ``idle_timeout``.
 - ``stream_ack``: acknowledge, many entries per call (acks that arrive while one call is under
   way go together in the next), or one entry copied first to the dead-letter stream
-  ``{queue}:dead`` (too many deliveries, no ``data`` field).
+  ``{queue}:dead`` (too many deliveries, no ``data`` field). ``ack()`` only queues the
+  acknowledgement, so a task's slot in taskiq is free without waiting for Redis; the entry is
+  held (and renewed) until the call is answered, and a clean stop sends what is queued.
 
 A ``priority`` label sends the message to the stream of its level (see :mod:`priorities`; no
 label: the queue itself), one more stream in the same consumer group, so reclaim, renewal, acks
@@ -81,16 +83,16 @@ RENEW_BATCH = 1000
 ACK_BATCH = 1000
 # XAUTOCLAIM calls per reclaim script call: each scans up to ten times what is still wanted.
 RECLAIM_SCANS = 10
-# How long an ack call waits for company in a busy worker (see _send_acks): tens of entries
-# per call instead of two (a worker draining no-op tasks ran at 1000-1500 tasks/s with calls
-# going at once, ~2000 with the wait); the task's slot in taskiq stays taken that much longer.
-ACK_LINGER_SECONDS = 0.002
+# How long an ack call waits for company in a busy worker (see _send_acks). Nobody waits for
+# it but the entries' confirmation: a worker draining no-op tasks made ~350 ack calls for 5000
+# tasks with 2 ms, ~170 with 5 ms (and ran faster), ~2000 with none.
+ACK_LINGER_SECONDS = 0.005
 # Attempts of one ack call on connection errors before it is given up (and comes back later).
 ACK_ATTEMPTS = 4
 
 _Key = tuple[str, str]  # (stream, entry id)
-# An ack waiting for the next call: entry id, its delivery, the future its caller awaits.
-_AckItem = tuple[str, "_Delivery", "asyncio.Future[None] | None"]
+# An ack waiting for the next call: the entry id and its delivery.
+_AckItem = tuple[str, "_Delivery"]
 
 
 def _whole(name: str, value: Any, minimum: int, optional: bool = False) -> Any:
@@ -190,6 +192,10 @@ class _Ack:
             self._delivery.dropped = True
 
 
+async def _done() -> None:
+    """What ``ack()`` returns: an awaitable that is done (the ack itself is queued)."""
+
+
 class BaseStreamBroker(BaseRedisBroker):
     """The stream broker; the public classes below only choose how to reach Redis."""
 
@@ -286,7 +292,7 @@ class BaseStreamBroker(BaseRedisBroker):
         self._next_reclaim = 0.0
         self._renewer: asyncio.Task[None] | None = None
         self._acks: dict[str, list[_AckItem]] = {}
-        self._ack_call = False  # an ack call is under way (see _ack)
+        self._acker: asyncio.Task[None] | None = None
         self._handed = 0  # messages handed to taskiq so far (see _Ack)
         self._collected_at = 0.0
         self._checked = 0.0  # when Redis last said which levels have new entries (monotonic)
@@ -638,72 +644,51 @@ class BaseStreamBroker(BaseRedisBroker):
         finally:
             self._forget(entry.stream, entry.entry_id, delivery)
 
-    async def _ack(self, stream: str, entry_id: str, delivery: _Delivery) -> None:
-        """Acknowledge one entry: at once when no ack call is under way, else with the next call.
+    def _ack(self, stream: str, entry_id: str, delivery: _Delivery) -> Awaitable[None]:
+        """Queue one entry's acknowledgement for the ack task; what it returns is already done.
 
-        With no call under way the ack goes in the caller's task, one round trip as a bare XACK
-        costs (a task and a future in between cost a waiting caller ~170 us); acks arriving
-        while a call is under way go together in the next one, from a task of its own. Nothing
-        happens until the returned coroutine is awaited: an ack that is never awaited leaves
-        the message to be collected as dropped, and delivered again. It never raises but
-        CancelledError: an ack that cannot be made is logged, and the entry, no longer renewed,
-        is delivered again after ``idle_timeout`` (at-least-once).
+        The ack task sends what is queued, one ``stream_ack`` call per stream at a time (see
+        :meth:`_send_acks`). The caller does not wait for Redis: a task's slot in taskiq is
+        free as soon as it ends, and a worker takes the next message instead of waiting for a
+        round trip. Delivery stays at-least-once: the entry is held and renewed until its ack
+        call is answered, an ack call that fails is logged and the entry delivered again after
+        ``idle_timeout``, and a clean stop sends what is queued before it releases anything.
         """
-        if delivery.acking:
-            return
-        delivery.acking = True
-        if self._ack_call:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._acks.setdefault(stream, []).append((entry_id, delivery, done))
-            await done
-            return
-        self._ack_call = True
-        handed = self._handed
-        try:
-            await self._ack_stream(stream, [(entry_id, delivery, None)])
-        finally:
-            self._after_ack_call(busy=self._handed != handed)
+        if not delivery.acking:
+            delivery.acking = True
+            self._acks.setdefault(stream, []).append((entry_id, delivery))
+            if self._acker is None or self._acker.done():
+                self._acker = self._spawn(self._send_acks())
+        return _done()
 
-    def _after_ack_call(self, busy: bool) -> None:
-        """An ack call is back: the acks that gathered meanwhile go in the next one."""
-        self._ack_call = bool(self._acks)
-        if self._acks:
-            self._spawn(self._send_acks(busy))
-
-    async def _send_acks(self, busy: bool) -> None:
-        # The acks gathered during the last call. When taskiq took more messages while it was
-        # under way (``busy``: a worker does not wait for its acks, so more are coming), this
-        # call first waits ACK_LINGER_SECONDS for company. A caller that awaits each ack before
-        # taking the next message never waits.
-        try:
+    async def _send_acks(self) -> None:
+        # One ack call per stream in flight at a time; the acks queued while it is under way go
+        # together in the next. A first ack goes at once. The next call waits
+        # ACK_LINGER_SECONDS for company only if taskiq took more messages while the last call
+        # was under way: more acks are coming, and an ack call costs a worker about as much as
+        # a no-op task, so acks go tens per call instead of one or two.
+        busy = False
+        while self._acks:
             if busy and sum(map(len, self._acks.values())) < ACK_BATCH:
                 await asyncio.sleep(ACK_LINGER_SECONDS)
             batch, self._acks = self._acks, {}
             handed = self._handed
-            try:
-                await asyncio.gather(
-                    *(
-                        self._ack_stream(stream, items[start : start + ACK_BATCH])
-                        for stream, items in batch.items()
-                        for start in range(0, len(items), ACK_BATCH)
-                    )
+            await asyncio.gather(
+                *(
+                    self._ack_stream(stream, items[start : start + ACK_BATCH])
+                    for stream, items in batch.items()
+                    for start in range(0, len(items), ACK_BATCH)
                 )
-            finally:
-                busy = self._handed != handed  # before the callers wake up and take more
-                for items in batch.values():
-                    for _, _, done in items:
-                        if done is not None and not done.done():
-                            done.set_result(None)
-        finally:
-            self._after_ack_call(busy)
+            )
+            busy = self._handed != handed
 
     async def _ack_stream(self, stream: str, items: list[_AckItem]) -> None:
         """One ``stream_ack`` call, retried on connection errors (acking twice is harmless).
 
-        The entries are no longer held afterwards, also when the caller is cancelled: an ack
-        that did not reach Redis is then delivered again after ``idle_timeout``.
+        The entries are no longer held afterwards, also when the call is cancelled: an ack that
+        did not reach Redis is then delivered again after ``idle_timeout``.
         """
-        args: list[EncodableT] = [self.consumer_group_name, 0, *(entry for entry, _, _ in items)]
+        args: list[EncodableT] = [self.consumer_group_name, 0, *(entry for entry, _ in items)]
         dead_key = keys.dead_letter_key(self._queue_of.get(stream, stream))
         backoff = connection.Backoff(first=0.1, cap=1.0)
         try:
@@ -724,7 +709,7 @@ class BaseStreamBroker(BaseRedisBroker):
                         return
                     await backoff.wait()
         finally:
-            for entry_id, delivery, _ in items:
+            for entry_id, delivery in items:
                 self._forget(stream, entry_id, delivery)
 
     async def _keep_claims(self) -> None:
