@@ -129,13 +129,14 @@ async def test_queue_name_label_sends_to_that_queue(
 async def test_first_in_first_out_in_batches(
     broker: BaseListQueueBroker, raw_redis: AsyncRedisClient
 ) -> None:
-    sent = [f"message {i}".encode() for i in range(25)]
+    count = 2 * broker.batch_size + 5
+    sent = [f"message {i}".encode() for i in range(count)]
     await kick_all(broker, sent)
     stream = broker.listen()
     first = await receive(stream, 1)
     # One script call took the oldest batch_size messages at once.
-    assert await queue_length(raw_redis, broker.queue_name) == 25 - broker.batch_size
-    assert first + await receive(stream, 24) == sent
+    assert await queue_length(raw_redis, broker.queue_name) == count - broker.batch_size
+    assert first + await receive(stream, count - 1) == sent
     await stream.aclose()
 
 

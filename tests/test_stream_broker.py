@@ -428,6 +428,26 @@ async def test_an_ack_does_not_wait_for_a_paused_server_and_is_made_after(
     assert parsed(broker, after).args == [2]  # the acknowledged entry did not come back
 
 
+async def test_a_clean_stop_sends_the_queued_acks_first(
+    make_broker: Callable[..., BaseStreamBroker], raw_redis: AsyncRedisClient
+) -> None:
+    broker = make_broker()
+    await broker.startup()
+    try:
+        await kick(broker, 1)
+        await kick(broker, 2)
+        stream = broker.listen()
+        messages = await receive(stream, 2, ack=False)
+        await stream.aclose()
+        await pause_server_of(raw_redis, broker.queue_name, 500)  # the acks cannot go yet
+        for message in messages:
+            await message.ack()  # type: ignore[misc]
+    finally:
+        await broker.shutdown()
+    # Sent before the stop released anything: acknowledged, not handed to another consumer.
+    assert await settled(raw_redis, broker.queue_name)
+
+
 async def pause_server_of(raw: AsyncRedisClient, key: str, ms: int) -> None:
     """CLIENT PAUSE WRITE on the server that holds ``key``: writes and scripts wait, reads don't."""
     pause = ("CLIENT", "PAUSE", ms, "WRITE")
