@@ -14,7 +14,8 @@ tasks/s = tasks / (the first task's start to the last task's start). The sides:
 - ``ours list``, ``ours stream``: this package's ``ListQueueBroker`` and ``RedisStreamBroker``.
 - ``1.2.4 stream``, ``1.2.4 list``: taskiq-redis 1.2.4's, in its own venv.
 
-Each Redis side runs without hiredis (redis-py's pure-Python parser) and with it. Sides
+Each Redis side runs without hiredis (redis-py's pure-Python parser, forced where hiredis is
+installed) and with it (this package's default install on CPython). Sides
 alternate within each round; the table shows each figure's best round (noise only slows).
 """
 
@@ -197,8 +198,9 @@ def main() -> None:
         return statistics.median(shares) if shares else None
 
     print(f"\nworker drain: {args.n} queued no-op tasks, one Receiver, {args.rounds} round(s)")
-    print("tasks/s: best round; share: of the best ceiling / median of each round's share")
-    print(f"{'broker':14}{'tasks/s':>9}{'share':>12}{'+hiredis':>10}{'share':>12}")
+    print("tasks/s: best round; share: of the best ceiling / median of each round's share;")
+    print("no hiredis: redis-py's pure-Python parser; hiredis: what installs by default")
+    print(f"{'broker':14}{'no hiredis':>11}{'share':>12}{'hiredis':>10}{'share':>12}")
     for side, _, kind in SIDES:
         cells = []
         for hiredis in (False, True):
@@ -210,7 +212,7 @@ def main() -> None:
             else:
                 share = f"{figure / ceiling:.0%}" if ceiling else "n/a"
                 cells += [f"{figure:.0f}", f"{share} / {median:.0%}" if median else share]
-        print(f"{side:14}{cells[0]:>9}{cells[1]:>12}{cells[2]:>10}{cells[3]:>12}")
+        print(f"{side:14}{cells[0]:>11}{cells[1]:>12}{cells[2]:>10}{cells[3]:>12}")
     args.json.write_text(json.dumps({"n": args.n, "best": best, "runs": runs}, indent=2))
     errors = {key: r["error"] for key, outcomes in runs.items() for r in outcomes if "error" in r}
     if errors:
