@@ -75,6 +75,8 @@ DATA = b"data"
 MAX_BLOCK_SECONDS = 1.0
 # redis-py 8's socket timeout when none is given (redis-py 7 has none).
 REDIS_PY_SOCKET_TIMEOUT = 5.0
+# A read unanswered this long after its BLOCK and the socket timeout have passed is given up.
+READ_MARGIN_SECONDS = 5.0
 # The idle time that releases an entry: over 31 years, yet below the server clock in ms
 # (Redis ignores an IDLE that would date the delivery before 1970).
 RELEASE_IDLE_MS = 10**12
@@ -280,6 +282,8 @@ class BaseStreamBroker(BaseRedisBroker):
         )
         longest = min(self._reclaim_every, socket_timeout / 2 if socket_timeout else 10**6)
         self._block_ms = max(1, int(min(self.block or 10**9, longest * 1000)))
+        # How long a read may go unanswered before it is given up (see _read).
+        self._read_patience = self._block_ms / 1000 + (socket_timeout or 0) + READ_MARGIN_SECONDS
         self._renew_every = self.idle_timeout / 3000
         self._scripts = {name: scripts.get(name) for name in (ACK, READ, RECLAIM, RENEW)}
 
@@ -287,6 +291,7 @@ class BaseStreamBroker(BaseRedisBroker):
         self._ready: deque[_Entry] = deque()  # read or reclaimed, not yet handed to taskiq
         self._io: set[asyncio.Task[Any]] = set()
         self._reads: dict[tuple[str, ...], asyncio.Task[list[_Entry]]] = {}
+        self._read_since: dict[tuple[str, ...], float] = {}  # when each read in flight began
         self._full: dict[tuple[str, ...], bool] = {}  # the last read filled its COUNT
         self._cursors = dict.fromkeys(self._streams, "0-0")
         self._next_reclaim = 0.0
@@ -471,7 +476,11 @@ class BaseStreamBroker(BaseRedisBroker):
                 if count is not None:
                     count = max(1, count // len(self._read_groups))
                 self._reads[streams] = self._spawn(self._read_group(streams, count))
-        await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
+                self._read_since[streams] = time.monotonic()
+        oldest = min(self._read_since[streams] for streams in self._reads)
+        wait = max(0.0, oldest + self._read_patience - time.monotonic())
+        await asyncio.wait(self._reads.values(), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        self._give_up_stuck_reads()
         entries: list[_Entry] = []
         failure: BaseException | None = None
         for streams, task in list(self._reads.items()):
@@ -491,6 +500,26 @@ class BaseStreamBroker(BaseRedisBroker):
                 "Reading streams %s failed; retrying: %s", self._queues, describe(failure)
             )
         return entries
+
+    def _give_up_stuck_reads(self) -> None:
+        """Cancel reads that got no answer long after their BLOCK and socket timeout ended.
+
+        A read must answer within its BLOCK time, or fail by the socket timeout. During a
+        sentinel failover a worker's blocking read once waited for ever on a connection that
+        got neither (the worker stopped taking tasks, silently); cancelling closes that
+        connection and the next read goes out on a new one. What such a read may have delivered
+        stays pending for this consumer and is reclaimed after ``idle_timeout``.
+        """
+        now = time.monotonic()
+        for streams, task in list(self._reads.items()):
+            if not task.done() and now - self._read_since[streams] >= self._read_patience:
+                logger.warning(
+                    "Reading streams %s got no answer in %.0f s; reading again on a new connection",
+                    list(streams),
+                    self._read_patience,
+                )
+                task.cancel()
+                del self._reads[streams]
 
     async def _read_group(self, streams: tuple[str, ...], count: int | None) -> list[_Entry]:
         """Read new entries; what it returns is held from then on.
