@@ -9,6 +9,7 @@ so routing (cluster slots, sentinel failover) stays redis-py's job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from taskiq_redis.diagnostics import describe, server_message
@@ -133,8 +139,31 @@ class RedisConnection:
                 )
                 await self._pipeline.close()
                 await pool.disconnect(inuse_connections=True)
+            elif named is not None:
+                await self._close_strays(pool, named)
             primary = named
             await asyncio.sleep(PRIMARY_CHECK)
+
+    async def _close_strays(self, pool: SentinelConnectionPool, primary: Any) -> None:
+        """Close the connections that are not to ``primary``, idle or in use.
+
+        A connection whose lookup got the old primary just before the switch can finish
+        connecting to it just after the switch closed every connection. The old primary takes
+        writes that are lost when it is demoted, then answers READONLY; a blocking read there
+        was once seen never to return. So every check closes such strays too.
+        """
+        connections = [*pool._available_connections, *pool._in_use_connections]
+        for connection in connections:
+            address = getattr(connection, "host", None), getattr(connection, "port", None)
+            if connection.is_connected and address != tuple(primary):
+                logger.warning(
+                    "A connection to %s:%s is not to the primary of %r (%s:%s); closing it",
+                    *address,
+                    self.master_name,
+                    *primary,
+                )
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
 
 
 # Errors that retrying cannot fix: redis-py's AuthenticationError and AuthorizationError are
@@ -210,13 +239,53 @@ def with_reconnect(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**connection_kwargs, "retry": retry}
 
 
+class _AsksOnReconnect(SentinelManagedConnection):
+    """A connection to the sentinels' primary that asks them where it is on every reconnect.
+
+    redis-py's sentinel connection asks the sentinels in ``connect()``, but a connection closed
+    under a command (a failover, the primary watch) is reconnected by redis-py's retry through
+    ``connect_check_health()``, to the address it had: after a failover, the old primary. That
+    primary takes writes that are lost when it is demoted, then answers READONLY, and a
+    blocking read there was seen never to return (redis-py 7.2 to 8.1).
+    """
+
+    _asked = False  # connect_to() is connecting to an address the sentinels just gave
+
+    async def connect_to(self, address: Any) -> None:
+        self._asked = True
+        try:
+            await super().connect_to(address)  # type: ignore[no-untyped-call]
+        finally:
+            self._asked = False
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and not self._asked and self.connection_pool.is_master:
+            await self.connect()  # type: ignore[no-untyped-call]
+            return
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
+class _AsksOnReconnectSSL(_AsksOnReconnect, SentinelManagedSSLConnection):
+    """The same over TLS."""
+
+
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """The sentinel's primary pool, waiting for a free connection as the single-node pool does.
 
     redis-py's SentinelConnectionPool raises "Too many connections" once ``max_connections``
     are in use; blocking reads, pub/sub and command lanes share the pool, so under a small
-    limit a command would fail instead of waiting its turn.
+    limit a command would fail instead of waiting its turn. Its connections ask the sentinels
+    for the primary on every reconnect (see :class:`_AsksOnReconnect`).
     """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        secure = kwargs.get("ssl", False)
+        kwargs.setdefault("connection_class", _AsksOnReconnectSSL if secure else _AsksOnReconnect)
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
 
 
 def single_node(
@@ -282,7 +351,8 @@ class _Sentinels(Sentinel):
             if state is None:
                 answers.append(f"{where} (monitors no primary of that name)")
             elif not self.check_master_state(state, service_name):
-                flags = ",".join(sorted(state["flags"]))
+                flags = state["flags"]  # a set of words, or one string with RESP3
+                flags = flags if isinstance(flags, str) else ",".join(sorted(flags))
                 answers.append(f"{where} (names {state['ip']}:{state['port']}, flags {flags})")
             else:
                 self.sentinels[0], self.sentinels[index] = link, self.sentinels[0]

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
-from tests.servers import ClusterGroup, SentinelGroup
+from taskiq_redis import connection
+from tests.servers import HOST, MASTER_NAME, ClusterGroup, SentinelGroup
 from tests.test_outages import (
     AFTER_GRACE,
     APP,
@@ -81,3 +83,28 @@ async def test_cluster_failover_under_load(
         duplicated = [k for k in load.kicks if k.error is None and k.number in outcome.ran_twice]
         assert not duplicated, f"tasks ran twice: {duplicated[:5]}\n{outcome.summary}"
         assert_nothing_lost(outcome, worker)
+
+
+async def test_a_sentinel_connection_closed_under_a_command_reconnects_to_the_new_primary(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """redis-py reconnects a closed connection before it sends, to the address it had: after a
+    failover the old primary, which loses what it takes once it is demoted. It must ask."""
+    conn = connection.sentinel(sentinel_group.sentinels, MASTER_NAME)
+    try:
+        assert isinstance(conn.client, Redis)
+        pool = conn.client.connection_pool
+        link = await pool.get_connection()  # type: ignore[no-untyped-call]
+        old = (link.host, link.port)
+        new = await asyncio.to_thread(sentinel_group.failover)
+        deadline = time.monotonic() + 30
+        while await pool.get_master_address() != (HOST, new.port):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the sentinels never named the new primary"
+            await asyncio.sleep(0.1)
+        await link.disconnect()
+        await link.send_packed_command(link.pack_command("PING"))  # reconnects on its own
+        assert await link.read_response() in (b"PONG", "PONG")
+        assert (link.host, link.port) == (HOST, new.port) != old
+        await pool.release(link)
+    finally:
+        await conn.close()
