@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import time
@@ -599,4 +600,35 @@ async def test_reads_of_a_busy_queue_hand_over_the_same(
         assert [fields[b"other"] for _, fields in dead] == [b"no data field"]
         await eventually(lambda: settled(raw_redis, queue), "every entry acknowledged")
     finally:
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
+async def test_a_read_on_a_frozen_server_is_given_up_and_sent_again(
+    make_broker: Callable[..., BaseStreamBroker],
+    redis_servers: RedisServers,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read that gets no answer at all (no socket timeout, as redis-py 7 has by default, and
+    a server that neither answers nor closes) is given up, so the worker goes on afterwards."""
+    broker = make_broker(socket_timeout=None)
+    await broker.startup()
+    stream = broker.listen()
+    try:
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)  # the blocking read is out
+        server = redis_servers._standalone_process().proc
+        assert server is not None
+        pid = server.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(broker._read_patience + 1.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        task_id = await kick(broker, 1)
+        message = await asyncio.wait_for(waiting, PATIENCE)
+        assert parsed(broker, message).task_id == task_id
+        assert "got no answer" in caplog.text
+    finally:
+        await stream.aclose()
         await broker.shutdown()
