@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError, ResponseError
 
-from taskiq_redis import connection
+from taskiq_redis import connection, pipelining
 from tests.servers import Topology
 
 FACTORIES: dict[str, Callable[..., connection.RedisConnection]] = {
@@ -131,3 +132,19 @@ async def test_every_reply_reaches_its_own_caller_while_lanes_and_a_small_pool_r
         )
     finally:
         await conn.close()
+
+
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them() -> None:
+    wire = Connection()
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "a" * 40, 2, "{key}", "{key}__progress", "1"),
+        ("SET", "clé é", b"\x00\xff bytes", 0.1, 1e20, -0.0, 2**70, float("inf")),
+        ("SCRIPT LOAD", "return 1"),
+        (b"CLIENT LIST",),
+        ("XADD", "q", "*", "data", b""),
+    ]
+    packed = pipelining._packed(wire, commands)
+    packed = packed if isinstance(packed, bytes) else b"".join(packed)
+    assert packed == b"".join(wire.pack_commands(commands))
+    with pytest.raises(DataError):  # redis-py refuses a bool; so does the packing
+        pipelining._packed(wire, [("SET", "k", True)])
