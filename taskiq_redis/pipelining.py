@@ -308,12 +308,13 @@ class AutoPipeline:
             return await self._send_to_node(node, batch)
         client = self._client
         assert isinstance(client, Redis)
+        commands = _commands(batch)
         connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            replies = await _exchange(connection, _commands(batch), client.parse_response)
+            replies = await _exchange(connection, commands, client.parse_response)
         finally:
             await client.connection_pool.release(connection)
-        return await self._resend_unanswered(_commands(batch), replies)
+        return await self._resend_unanswered(commands, replies)
 
     async def _send_to_node(self, node: ClusterNode, batch: list[_Waiter]) -> list[Any]:
         """A batch for one cluster node on one of its connections.
@@ -323,12 +324,13 @@ class AutoPipeline:
         resent command by command through ``RedisCluster.execute_command`` (redirections, slot
         refresh, retries).
         """
+        commands = _commands(batch)
         connection = await self._acquire(node)
         try:
-            replies = await _exchange(connection, _commands(batch), node.parse_response)
+            replies = await _exchange(connection, commands, node.parse_response)
         finally:
             node.release(connection)
-        return await self._resend_unanswered(_commands(batch), replies)
+        return await self._resend_unanswered(commands, replies)
 
     async def _resend_unanswered(self, batch: list[_Command], replies: list[Any]) -> list[Any]:
         """Send on its own each command of the batch left without a reply, or redirected.
