@@ -37,6 +37,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.client import NEVER_DECODE
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -56,6 +58,14 @@ try:  # redis-py's asyncio connections pack commands in Python; hiredis packs th
     from hiredis import pack_command as _pack_in_c
 except ImportError:  # no hiredis (PyPy): redis-py packs
     _pack_in_c = None
+
+_HiredisParser: Any
+try:  # the parser whose buffered replies a batch takes without waiting (see _reply_source)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+    from redis._parsers.hiredis import _AsyncHiredisParser as _HiredisParser
+except ImportError:  # a redis-py that moved them: every reply is read through redis-py
+    _HiredisParser = NOT_ENOUGH_DATA = None
+_REDIS_PY_READ = AbstractConnection.read_response
 
 _Command = tuple[tuple[Any, ...], dict[str, Any]]  # a command's arguments and redis-py options
 _Waiter = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
@@ -405,10 +415,11 @@ async def _exchange(connection: Any, batch: list[_Command], parse: Any) -> list[
     try:
         if getattr(connection, "should_reconnect", lambda: False)():
             await connection.disconnect()
-        await connection.send_packed_command(_packed(connection, [args for args, _ in batch]))
+        await _send(connection, _packed(connection, [args for args, _ in batch]))
         for args, options in batch:
             try:
-                replies.append(await parse(connection, args[0], **options))
+                source = await _reply_source(connection, options)
+                replies.append(await parse(source, args[0], **options))
             except ResponseError as error:  # this command's own error
                 replies.append(error)
     except LostConnection:
@@ -423,6 +434,75 @@ async def _exchange(connection: Any, batch: list[_Command], parse: Any) -> list[
             await connection.disconnect(nowait=True)
         raise
     return replies
+
+
+async def _send(connection: Any, packed: bytes) -> None:
+    """redis-py's ``send_packed_command``, without its task and timer when the socket takes all.
+
+    redis-py runs every write under ``asyncio.wait_for`` when a socket timeout is set (its
+    default since 8.0): a task and a timer per command, ~10 us on these machines. A write the
+    socket takes at once has nothing to wait for; anything else (not connected, a health check
+    due, a socket that kept some bytes back) goes through redis-py, with its timeout and errors.
+    """
+    writer = getattr(connection, "_writer", None)
+    if (
+        writer is None
+        or not connection.is_connected
+        or connection.health_check_interval
+        or writer.transport.is_closing()
+    ):
+        await connection.send_packed_command(packed)
+        return
+    writer.write(packed)
+    if writer.transport.get_write_buffer_size():  # waits for the socket, within socket_timeout
+        await connection.send_packed_command([])
+
+
+class _Ready:
+    """Stands in for the connection in redis-py's ``parse_response``: a reply already read."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+
+    async def read_response(self, disable_decoding: bool = False) -> Any:
+        if isinstance(self.reply, ResponseError):
+            raise self.reply
+        return self.reply
+
+
+async def _reply_source(connection: Any, options: dict[str, Any]) -> Any:
+    """Where redis-py's ``parse_response`` reads the next reply from.
+
+    The reply itself when hiredis already holds all of its bytes, as it does for most replies
+    of a batch once the first has arrived: nothing to wait for, so no timeout to arm (redis-py
+    arms one per reply, ~16% of a batch's client time at concurrency 50). Otherwise, or for a
+    connection class with its own ``read_response`` (sentinel's turns READONLY into a
+    reconnect), the connection, read by redis-py with its timeout.
+    """
+    parser: Any = getattr(connection, "_parser", None)
+    if (
+        _HiredisParser is None
+        or type(parser) is not _HiredisParser
+        or not parser._connected
+        or connection.health_check_interval
+        or type(connection).read_response is not _REDIS_PY_READ
+    ):
+        return connection
+    while True:
+        reply = parser._reader.gets(False) if NEVER_DECODE in options else parser._reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            return connection
+        push = parser._hiredis_PushNotificationType
+        if push is None or not isinstance(reply, push):
+            break
+        await parser.handle_push_response(reply)  # as redis-py's parser does, then read on
+    if isinstance(reply, LostConnection):  # as redis-py's parser: LOADING and the like
+        raise reply
+    if isinstance(reply, list) and reply and isinstance(reply[0], LostConnection):
+        raise reply[0]
+    return _Ready(reply)
 
 
 def _commands(batch: list[_Waiter]) -> list[_Command]:

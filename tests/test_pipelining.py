@@ -148,3 +148,45 @@ def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them() -> None:
     assert packed == b"".join(wire.pack_commands(commands))
     with pytest.raises(DataError):  # redis-py refuses a bool; so does the packing
         pipelining._packed(wire, [("SET", "k", True)])
+
+
+async def test_a_write_larger_than_the_socket_buffer_arrives_whole_beside_small_commands(
+    conn: connection.RedisConnection, unique: str
+) -> None:
+    """A batch the socket cannot take at once waits for it, as redis-py's write does."""
+    big = b"x" * (24 * 1024 * 1024)
+    await conn.execute("SET", f"{unique}:first", 1)  # a cluster client has its slot table now
+    small = [f"{unique}:{n}" for n in range(50)]
+    await asyncio.gather(
+        conn.execute("SET", f"{unique}:big", big),
+        *(conn.execute("SET", key, key) for key in small),
+    )
+    assert await conn.execute("STRLEN", f"{unique}:big") == len(big)
+    assert await asyncio.gather(*(conn.execute("GET", key) for key in small)) == [
+        key.encode() for key in small
+    ]
+    await asyncio.gather(*(conn.execute("DEL", key) for key in [f"{unique}:big", *small]))
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
+async def test_a_push_message_among_batched_replies_is_not_taken_for_a_reply(
+    topology: Topology, unique: str
+) -> None:
+    """RESP3 invalidation pushes arrive between a batch's replies: each caller still gets its
+    own reply (the push goes to redis-py's push handling, not to a caller)."""
+    conn = connection.single_node(topology.kwargs()["url"], 1, protocol=3)
+    try:
+        assert await conn.execute("CLIENT", "TRACKING", "ON") == b"OK"
+        keys = [f"{unique}:{n}" for n in range(40)]
+        await asyncio.gather(*(conn.execute("SET", key, "0") for key in keys))
+        for _ in range(3):  # read (tracked), then written: one push per key among the replies
+            assert await asyncio.gather(*(conn.execute("GET", key) for key in keys)) == [
+                b"0"
+            ] * len(keys)
+            replies = await asyncio.gather(
+                *(conn.execute("SET", key, "0") for key in keys),
+                *(conn.execute("ECHO", key) for key in keys),
+            )
+            assert replies == [True] * len(keys) + [key.encode() for key in keys]
+    finally:
+        await conn.close()
