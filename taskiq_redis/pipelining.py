@@ -83,6 +83,10 @@ BLOCKING_COMMANDS = frozenset(
 LANE_CAP = 4
 PATIENCE = 0.02
 
+# How long a single node's lanes keep a connection with no command before it goes back to the
+# pool (only while the pool has others free; see AutoPipeline.__init__).
+KEEP_IDLE = 0.05
+
 # How long a cluster command waits for a free connection to its node before redis-py's
 # "Too many connections" reaches the caller (BlockingConnectionPool's default wait).
 POOL_WAIT = 20.0
@@ -115,13 +119,14 @@ class AutoPipeline:
         self._single = _Server(None)
         self._nodes: dict[str, _Server] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # The lone-command path of a single node or sentinel primary keeps its connection
-        # while calls follow each other without a pause (one task awaiting command after
-        # command): taking one from a BlockingConnectionPool costs ~35 us (lock, timer, health
-        # check). It goes back to the pool as soon as the event loop gets round to it with no
-        # command in between, so the pool never waits on an idle one.
-        self._keeping = False  # a lone command is using the kept connection
+        # A single node's or sentinel primary's lanes keep one connection between commands:
+        # taking one from a BlockingConnectionPool and giving it back costs ~50 us (lock, timer,
+        # a task). It is kept while the pool could still hand another one out at once, and goes
+        # back after KEEP_IDLE without a command, or as soon as the event loop gets round to it
+        # when it was the pool's last: so nobody ever waits on an idle kept connection for long.
         self._kept: Any = None
+        self._kept_used = 0.0  # when the kept connection last came back from a command
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     async def execute(self, *args: Any, **options: Any) -> Any:
         """Send one command; its reply, or its error, is this call's alone."""
@@ -260,29 +265,47 @@ class AutoPipeline:
         client = self._client
         if server.node is not None:
             return await self._direct(args, options)
-        if not isinstance(client, Redis) or self._keeping:  # the kept connection is in use
+        if not isinstance(client, Redis):
             return await client.execute_command(*args, **options)
-        # Taken before the first await: a second caller that also found it free while this one
-        # waited for a connection would swap it under this one (two users, one socket).
-        self._keeping = True
-        try:
-            connection, self._kept = self._kept, None
-            if connection is None:
-                connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                replies = await _exchange(connection, [(args, options)], client.parse_response)
-            finally:
-                if self._kept is None:
-                    self._kept = connection
-                    asyncio.get_running_loop().call_soon(self._give_back, connection)
-                else:
-                    self._release(connection)
-        finally:
-            self._keeping = False
-        [reply] = await self._resend_unanswered([(args, options)], replies)
+        [reply] = await self._send_on_single([(args, options)], client)
         if isinstance(reply, BaseException):
             raise reply
         return reply
+
+    async def _send_on_single(self, commands: list[_Command], client: Redis) -> list[Any]:
+        """One round trip on the single node's kept connection, or one from its pool."""
+        connection, self._kept = self._kept, None  # taken before any await: one user at a time
+        if connection is None:
+            connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            replies = await _exchange(connection, commands, client.parse_response)
+        finally:
+            self._keep(connection)
+        return await self._resend_unanswered(commands, replies)
+
+    def _keep(self, connection: Any) -> None:
+        """Keep a connection back from a command, or give it back to the pool (see __init__)."""
+        if self._kept is not None:
+            self._release(connection)
+            return
+        loop = asyncio.get_running_loop()
+        self._kept = connection
+        self._kept_used = loop.time()
+        if self._free(self._single) <= 1:  # the pool's last free connection: not for long
+            loop.call_soon(self._give_back, connection)
+        elif self._idle_timer is None:
+            self._idle_timer = loop.call_later(KEEP_IDLE, self._give_back_if_idle)
+
+    def _give_back_if_idle(self) -> None:
+        self._idle_timer = None
+        if self._kept is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._kept_used
+        if idle >= KEEP_IDLE:
+            self._give_back(self._kept)
+        else:
+            self._idle_timer = loop.call_later(KEEP_IDLE - idle, self._give_back_if_idle)
 
     def _give_back(self, connection: Any) -> None:
         """Return the kept connection to the pool unless a command took it meanwhile."""
@@ -307,6 +330,9 @@ class AutoPipeline:
             if server.timer is not None:
                 server.timer.cancel()
                 server.timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         connection, self._kept = self._kept, None
         if connection is not None:
             await self._put_back(connection)
@@ -318,13 +344,7 @@ class AutoPipeline:
             return await self._send_to_node(node, batch)
         client = self._client
         assert isinstance(client, Redis)
-        commands = _commands(batch)
-        connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            replies = await _exchange(connection, commands, client.parse_response)
-        finally:
-            await client.connection_pool.release(connection)
-        return await self._resend_unanswered(commands, replies)
+        return await self._send_on_single(_commands(batch), client)
 
     async def _send_to_node(self, node: ClusterNode, batch: list[_Waiter]) -> list[Any]:
         """A batch for one cluster node on one of its connections.
