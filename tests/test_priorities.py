@@ -154,6 +154,29 @@ async def test_a_high_priority_kick_behind_a_backlog_runs_next_in_a_real_worker(
     assert started[:4] == list(dict.fromkeys(expected))[:4], log
 
 
+async def test_a_higher_level_found_by_a_read_ahead_goes_before_the_held_entries(
+    topology: Topology, unique: str
+) -> None:
+    """The stream listener reads the next batch while a quarter of the last is left; when that
+    read finds a higher level, its entries are handed over before the ones still held."""
+    queue = f"ahead{unique}"
+    broker = make_broker("stream", topology, queue, xread_count=20)
+    await broker.startup()
+    for number in range(30):
+        await broker.kick(message(f"low{number}"))
+    listener = broker.listen()
+    try:
+        taken = [body_of(await acked(await anext(listener))) for _ in range(15)]  # 5 held
+        await broker.kick(message("high", 9))
+        taken.append(body_of(await acked(await anext(listener))))  # starts the read ahead
+        await asyncio.sleep(0.2)  # it has answered, with the level above the held ones
+        taken += [body_of(await acked(await anext(listener))) for _ in range(2)]
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+    assert taken == [f"low{number}" for number in range(16)] + ["high", "low16"]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_delayed_message_goes_to_its_level_when_due(
     kind: str, topology: Topology, unique: str
