@@ -23,9 +23,11 @@ pipeline holding one, failing every command beside it. Blocking commands (BRPOP,
 never join one either: they would hold the batch until they return.
 
 A lane writes its commands itself, packed by hiredis where it is installed (redis-py's asyncio
-connections pack every command in Python, 10.5 us for an EVALSHA against 1.3 us), and reads
-the replies through redis-py's parser and reply callbacks; a connection lost mid-batch has its
-unanswered commands sent again one by one through redis-py, with its reconnect retry.
+connections pack every command in Python, 10.5 us for an EVALSHA against 1.3 us), straight to
+the socket when it takes them all (redis-py wraps each write in ``asyncio.wait_for``), and reads
+the replies through redis-py's reply callbacks, taking those hiredis already holds without
+redis-py's per-reply timeout; a connection lost mid-batch has its unanswered commands sent
+again one by one through redis-py, with its reconnect retry.
 """
 
 from __future__ import annotations

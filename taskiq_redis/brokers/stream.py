@@ -6,9 +6,10 @@ is one consumer of the group ``consumer_group_name``: it reads with XREADGROUP, 
 once every group of the stream is done with it.
 
 How many tasks run at once is taskiq's business (``--max-async-tasks``): its receiver pulls a
-message from ``listen()`` only when it has room. ``xread_count`` is the COUNT of one read; the
-next read starts when a quarter of one is left to hand over, so what was read and not yet
-handed over stays below 1.25 times ``xread_count``.
+message from ``listen()`` only when it has room. ``xread_count`` is the COUNT of one read.
+After a full read (a backlog) the next one starts, without blocking, while a quarter of it is
+left to hand over, so what was read and not yet handed over stays below 1.25 times
+``xread_count``; otherwise a read starts when taskiq asks and nothing is held.
 
 What a consumer read and has not acknowledged stays in the group's pending list, so nothing is
 lost when a worker dies; three scripts keep those entries moving:
@@ -78,9 +79,9 @@ MAX_BLOCK_SECONDS = 1.0
 REDIS_PY_SOCKET_TIMEOUT = 5.0
 # A read unanswered this long after its BLOCK and the socket timeout have passed is given up.
 READ_MARGIN_SECONDS = 5.0
-# The next read starts while 1/READ_AHEAD_SHARE of the last one is still to be handed over, so
-# taskiq is not left waiting for a round trip: a worker draining a backlog sat 6-8% of its time
-# in reads. At most xread_count * (1 + 1/READ_AHEAD_SHARE) entries are held, not yet handed over.
+# After a full read, the next starts while 1/READ_AHEAD_SHARE of it is still to be handed over,
+# so taskiq is not left waiting for a round trip: a worker draining a backlog sat 6-8% of its
+# time in reads. At most xread_count * (1 + 1/READ_AHEAD_SHARE) entries are held, not handed.
 READ_AHEAD_SHARE = 4
 # The idle time that releases an entry: over 31 years, yet below the server clock in ms
 # (Redis ignores an IDLE that would date the delivery before 1970).
@@ -393,7 +394,7 @@ class BaseStreamBroker(BaseRedisBroker):
             while self._ready:
                 await self._recheck()
                 if len(self._ready) <= self._read_ahead_at:
-                    self._start_reads()  # its answer is here by the time these are handed over
+                    self._start_reads(ahead=True)  # answered before these are handed over
                 if self._answered:
                     await self._take_read_ahead()
                 entry = self._ready.popleft()
@@ -499,16 +500,24 @@ class BaseStreamBroker(BaseRedisBroker):
         await asyncio.wait({task})
         return task.result()
 
-    def _start_reads(self) -> None:
-        """Start a read for each stream group that has none in flight."""
+    def _start_reads(self, ahead: bool = False) -> None:
+        """Start a read for each stream group that has none in flight.
+
+        A read ahead (before the held entries run out) is made only for a group whose last read
+        came back full, a backlog, and never blocks: a worker whose taskiq stopped asking must
+        not sit on new messages that idle workers could run.
+        """
         for streams in self._read_groups:
-            if streams not in self._reads:
-                count = self.count
-                if count is not None:
-                    count = max(1, count // len(self._read_groups))
-                task = self._reads[streams] = self._spawn(self._read_group(streams, count))
-                task.add_done_callback(self._read_answered)
-                self._read_since[streams] = time.monotonic()
+            if streams in self._reads or (ahead and not self._full.get(streams)):
+                continue
+            count = self.count
+            if count is not None:
+                count = max(1, count // len(self._read_groups))
+            task = self._reads[streams] = self._spawn(
+                self._read_group(streams, count, block=not ahead)
+            )
+            task.add_done_callback(self._read_answered)
+            self._read_since[streams] = time.monotonic()
 
     def _read_answered(self, _: object) -> None:
         self._answered = True
@@ -587,7 +596,9 @@ class BaseStreamBroker(BaseRedisBroker):
                 task.cancel()
                 del self._reads[streams]
 
-    async def _read_group(self, streams: tuple[str, ...], count: int | None) -> list[_Entry]:
+    async def _read_group(
+        self, streams: tuple[str, ...], count: int | None, block: bool = True
+    ) -> list[_Entry]:
         """Read new entries; what it returns is held from then on.
 
         After a full batch more are likely waiting, so the next read is the ``stream_read``
@@ -599,7 +610,7 @@ class BaseStreamBroker(BaseRedisBroker):
         # With several levels the script also goes first, so a backlog is read level by level.
         if count is not None and (self._full.get(streams) or len(tiers) > 1):
             entries = await self._read_script(streams, count, tiers)
-        if not entries:
+        if not entries and block:
             counting = () if count is None else ("COUNT", count)
             reply = await self._conn.execute(
                 "XREADGROUP",
