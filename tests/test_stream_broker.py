@@ -603,6 +603,30 @@ async def test_reads_of_a_busy_queue_hand_over_the_same(
         await broker.shutdown()
 
 
+async def test_a_worker_that_is_not_asked_for_more_leaves_new_messages_to_others(
+    make_broker: Callable[..., BaseStreamBroker],
+) -> None:
+    """A listener reads ahead only in a backlog: one whose taskiq holds what it was handed
+    (and asks for nothing more) takes no new message from the other workers."""
+    full, idle = make_broker(xread_count=4), make_broker(xread_count=4)
+    await full.startup()
+    await idle.startup()
+    full_stream, idle_stream = full.listen(), idle.listen()
+    try:
+        first = await kick(full, "first")
+        [handed] = await receive(full_stream, 1, ack=False)  # a short read: no backlog
+        assert parsed(full, handed).task_id == first
+        await asyncio.sleep(0.2)
+        later = [await kick(full, i) for i in range(3)]
+        await asyncio.sleep(0.5)  # time enough for a read ahead, were one under way
+        assert [parsed(idle, m).task_id for m in await receive(idle_stream, 3)] == later
+    finally:
+        await full_stream.aclose()
+        await idle_stream.aclose()
+        await full.shutdown()
+        await idle.shutdown()
+
+
 @pytest.mark.parametrize("topology", ["single"], indirect=True)
 async def test_a_read_on_a_frozen_server_is_given_up_and_sent_again(
     make_broker: Callable[..., BaseStreamBroker],
