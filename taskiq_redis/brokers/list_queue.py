@@ -3,7 +3,9 @@
 A queue is a Redis list named ``queue_name``, as in taskiq-redis 1.2: ``kick`` LPUSHes, a
 listener pops from the other end, so messages come out oldest first. A listener takes up to
 ``batch_size`` messages at once with the ``list_pop`` script, so a busy queue costs one round
-trip per batch; only when the queue is empty does it block, natively, in BRPOP.
+trip per batch; only when the queue is empty does it block, natively, in BRPOP. After a pop
+that took a whole batch (a backlog), the next one starts while a quarter of it is still held,
+asking for what tops the held messages up to ``batch_size``: taskiq does not wait for it.
 
 A ``priority`` label puts the message in the list of its level (see :mod:`priorities`; no
 label: the queue itself). The script takes its batch from the highest level that holds messages,
@@ -11,7 +13,7 @@ and BRPOP names the levels highest first, so higher levels always go first.
 
 There are no acknowledgements: a message is gone from Redis once popped. A worker killed
 while running a task loses that task, and a worker killed outright also loses the messages it
-popped but has not yet handed to taskiq (fewer than ``batch_size``). A worker that stops
+popped but has not yet handed to taskiq (at most ``batch_size``). A worker that stops
 cleanly puts those back at the end of their level's list that is popped next, so they keep
 their place.
 """
@@ -47,6 +49,14 @@ BLOCK_SECONDS = 1
 RESCUE_SECONDS = BLOCK_SECONDS + 2.0
 
 _Popped = tuple[int, bytes]  # (priority level, message)
+# After a pop that took a whole batch (a backlog), the next starts while 1/POP_AHEAD_SHARE of
+# it is still to be handed over, asking only for what tops the held messages up to batch_size,
+# so taskiq does not wait for a round trip and a killed worker still loses at most batch_size.
+POP_AHEAD_SHARE = 4
+
+
+def _highest_first(popped: _Popped) -> int:
+    return -popped[0]
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -72,6 +82,7 @@ class BaseListQueueBroker(BaseRedisBroker):
     ) -> None:
         super().__init__(conn, queue_name, result_backend, task_id_generator)
         self.batch_size = check_batch_size(batch_size)
+        self._pop_ahead_at = self.batch_size // POP_AHEAD_SHARE
         self.max_priority = priorities.check_max_priority(max_priority)
         self._levels = priorities.Levels(queue_name, self.max_priority)
         self._script = scripts.get(LIST_POP)
@@ -102,12 +113,23 @@ class BaseListQueueBroker(BaseRedisBroker):
         lists.
         """
         popped: deque[_Popped] = deque()
+        ahead: asyncio.Task[list[_Popped]] | None = None  # a pop before `popped` runs out
+        asked = self.batch_size  # how many the last pop asked for
+        backlog = False  # the last pop took all it asked for
         checked = 0.0  # when Redis last said which levels hold messages (monotonic)
         backoff = connection.Backoff()
         self._mover.start()
         try:
             while True:
                 while popped:
+                    if ahead is None and backlog and len(popped) <= self._pop_ahead_at:
+                        asked = self.batch_size - len(popped)
+                        ahead = asyncio.ensure_future(self._take_batch(count=asked))
+                    if ahead is not None and ahead.done():
+                        taken, ahead = self._taken(ahead), None
+                        backlog = len(taken) >= asked
+                        popped = deque(sorted((*popped, *taken), key=_highest_first))
+                        checked = time.monotonic()
                     level = popped[0][0]
                     if (
                         level < self.max_priority
@@ -117,7 +139,15 @@ class BaseListQueueBroker(BaseRedisBroker):
                         checked = time.monotonic()
                     yield popped.popleft()[1]
                 try:
-                    popped.extend(await self._pop_batch())
+                    taken = []
+                    if ahead is not None:
+                        request, ahead = ahead, None
+                        taken = await self._finish(request)
+                        backlog = len(taken) >= asked
+                    if not taken:
+                        taken = await self._pop_batch()
+                        backlog = len(taken) >= self.batch_size
+                    popped.extend(taken)
                 except Exception as exc:  # any Redis error (WRONGTYPE too) must not end a worker
                     logger.warning(
                         "Reading queue %r failed; retrying: %s", self.queue_name, describe(exc)
@@ -127,7 +157,18 @@ class BaseListQueueBroker(BaseRedisBroker):
                     checked = time.monotonic()
                     backoff.reset()
         finally:
+            if ahead is not None:  # stopping: what the pop ahead took goes back too
+                await asyncio.wait({ahead}, timeout=RESCUE_SECONDS)
+                popped.extend(self._taken(ahead) if ahead.done() else [])
             await self._put_back(popped)
+
+    def _taken(self, pop: asyncio.Task[list[_Popped]]) -> list[_Popped]:
+        """What a finished pop ahead took; its failure is logged (the next pop tries again)."""
+        error = asyncio.CancelledError() if pop.cancelled() else pop.exception()
+        if error is None:
+            return pop.result()
+        logger.warning("Reading queue %r failed: %s", self.queue_name, describe(error))
+        return []
 
     async def shutdown(self) -> None:
         """Stop moving delayed messages, then close."""
@@ -161,9 +202,9 @@ class BaseListQueueBroker(BaseRedisBroker):
             )
             return []
 
-    async def _take_batch(self, above: int = -1) -> list[_Popped]:
+    async def _take_batch(self, above: int = -1, count: int | None = None) -> list[_Popped]:
         read_order = self._levels.read_order(above)
-        taken = await scripts.run(self._conn, self._script, read_order, [self.batch_size])
+        taken = await scripts.run(self._conn, self._script, read_order, [count or self.batch_size])
         if not taken:
             return []
         level = self._levels.level(read_order[int(taken[0]) - 1])
@@ -173,7 +214,9 @@ class BaseListQueueBroker(BaseRedisBroker):
         popped = await self._conn.execute("BRPOP", *self._levels.read_order(), BLOCK_SECONDS)
         return [] if popped is None else [(self._levels.level(popped[0]), popped[1])]
 
-    async def _finish(self, pop: Coroutine[Any, Any, list[_Popped]]) -> list[_Popped]:
+    async def _finish(
+        self, pop: Coroutine[Any, Any, list[_Popped]] | asyncio.Task[list[_Popped]]
+    ) -> list[_Popped]:
         """Run a pop to its end even when a stop cancels the listener, and put back its take.
 
         Cancelling the pop itself would close the connection under a reply that may already
