@@ -227,7 +227,8 @@ async def test_a_higher_level_found_by_a_pop_ahead_goes_before_the_held_messages
     finally:
         await stream.aclose()
         await broker.shutdown()
-    assert b"high" in handed and handed.index(b"high") < handed.index(b"low 7"), handed
+    assert b"high" in handed, handed
+    assert handed.index(b"high") < handed.index(b"low 7"), handed
 
 
 async def blocked_in_brpop(raw: AsyncRedisClient, queue: str) -> bool:
