@@ -458,7 +458,7 @@ async def _exchange(connection: Any, batch: list[_Command], parse: Any) -> list[
     return replies
 
 
-async def _send(connection: Any, packed: bytes) -> None:
+async def _send(connection: Any, packed: bytes | list[bytes]) -> None:
     """redis-py's ``send_packed_command``, without its task and timer when the socket takes all.
 
     redis-py runs every write under ``asyncio.wait_for`` when a socket timeout is set (its
@@ -475,7 +475,10 @@ async def _send(connection: Any, packed: bytes) -> None:
     ):
         await connection.send_packed_command(packed)
         return
-    writer.write(packed)
+    if isinstance(packed, bytes):
+        writer.write(packed)
+    else:  # redis-py's packer: large values stay chunks of their own
+        writer.writelines(packed)
     if writer.transport.get_write_buffer_size():  # waits for the socket, within socket_timeout
         await connection.send_packed_command([])
 
