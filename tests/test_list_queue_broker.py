@@ -184,39 +184,43 @@ async def test_popped_messages_go_back_in_order_on_stop(
         await second.shutdown()
 
 
-async def test_a_backlog_is_popped_ahead_within_batch_size_and_put_back_whole_on_stop(
-    make_broker: Callable[..., BaseListQueueBroker], raw_redis: AsyncRedisClient
-) -> None:
-    """In a backlog the next pop starts before the popped messages run out, topping them up to
-    batch_size at most (what a killed worker can lose); a stop puts back what it took too."""
-    broker = make_broker(batch_size=8)
-    await broker.startup()
-    sent = [f"message {i}".encode() for i in range(20)]
-    await kick_all(broker, sent)
-    stream = broker.listen()
-    try:
-        # The seventh is taken with 2 held: a pop ahead asks for 6, the batch_size top-up.
-        handed = await receive(stream, 7)
-        await asyncio.sleep(0.2)
-        in_worker = len(sent) - len(handed) - await queue_length(raw_redis, broker.queue_name)
-        assert in_worker == 7  # 1 held + 6 popped ahead, below batch_size
-        await stream.aclose()  # the pop ahead answered, and is not handed over yet
-        assert handed == sent[:7]
-        assert await queue_length(raw_redis, broker.queue_name) == 13
-        again = broker.listen()
-        assert await receive(again, 13) == sent[7:]
-        await again.aclose()
-    finally:
-        await broker.shutdown()
-
-
-async def test_a_higher_level_found_by_a_pop_ahead_goes_before_the_held_messages(
+@pytest.fixture
+async def backlog(
     make_broker: Callable[..., BaseListQueueBroker],
-) -> None:
+) -> AsyncIterator[tuple[BaseListQueueBroker, list[bytes]]]:
+    """A broker with batch_size 8 and the 20 messages queued for it."""
     broker = make_broker(batch_size=8)
     await broker.startup()
     sent = [f"low {i}".encode() for i in range(20)]
     await kick_all(broker, sent)
+    yield broker, sent
+    await broker.shutdown()
+
+
+async def test_a_backlog_is_popped_ahead_within_batch_size_and_put_back_whole_on_stop(
+    backlog: tuple[BaseListQueueBroker, list[bytes]], raw_redis: AsyncRedisClient
+) -> None:
+    """In a backlog the next pop starts before the popped messages run out, topping them up to
+    batch_size at most (what a killed worker can lose); a stop puts back what it took too."""
+    broker, sent = backlog
+    stream = broker.listen()
+    # The seventh is taken with 2 held: a pop ahead asks for 6, the batch_size top-up.
+    handed = await receive(stream, 7)
+    await asyncio.sleep(0.2)
+    in_worker = len(sent) - len(handed) - await queue_length(raw_redis, broker.queue_name)
+    assert in_worker == 7  # 1 held + 6 popped ahead, below batch_size
+    await stream.aclose()  # the pop ahead answered, and is not handed over yet
+    assert handed == sent[:7]
+    assert await queue_length(raw_redis, broker.queue_name) == 13
+    again = broker.listen()
+    assert await receive(again, 13) == sent[7:]
+    await again.aclose()
+
+
+async def test_a_higher_level_found_by_a_pop_ahead_goes_before_the_held_messages(
+    backlog: tuple[BaseListQueueBroker, list[bytes]],
+) -> None:
+    broker, _ = backlog
     stream = broker.listen()
     try:
         handed = await receive(stream, 5)
@@ -226,7 +230,6 @@ async def test_a_higher_level_found_by_a_pop_ahead_goes_before_the_held_messages
         handed += await receive(stream, 2)
     finally:
         await stream.aclose()
-        await broker.shutdown()
     assert b"high" in handed, handed
     assert handed.index(b"high") < handed.index(b"low 7"), handed
 
