@@ -17,6 +17,7 @@ import json
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,7 +180,22 @@ def ratio_text(top: dict[str, Any], bottom: dict[str, Any]) -> str:
     return f"{top['best'] / bottom['best']:.2f}"
 
 
-WIDTHS = (22, 9, 8, 8, 9, 11, 14)
+def paired_text(runs: list[dict[str, Any]], key: str, top: str, bottom: str) -> str:
+    """Median over rounds of ``top``'s figure over ``bottom``'s in the same round.
+
+    Steadier than a ratio of bests on a shared machine, where a best of one side may come from
+    a quiet moment the other side never had.
+    """
+    by_round: dict[int, dict[str, float]] = {}
+    for run in runs:
+        value = figure(run.get("results", {}).get(key, {}))
+        if value is not None:
+            by_round.setdefault(run["round"], {})[run["side"]] = value
+    ratios = [r[top] / r[bottom] for r in by_round.values() if top in r and bottom in r]
+    return f"{statistics.median(ratios):.2f}" if ratios else "n/a"
+
+
+WIDTHS = (22, 9, 8, 8, 9, 11, 14, 8)
 
 
 def print_line(values: tuple[str, ...]) -> None:
@@ -188,8 +204,9 @@ def print_line(values: tuple[str, ...]) -> None:
     print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(cols)))
 
 
-def print_table(table: dict[str, dict[str, Any]]) -> None:
-    print_line(("operation", "conc", "ours", "1.2.4", "redis-py", "ours/1.2.4", "ours/redis-py"))
+def print_table(table: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+    header = ("operation", "conc", "ours", "1.2.4", "redis-py", "ours/1.2.4", "ours/redis-py")
+    print_line((*header, "paired"))
     for key, shown in row_keys():
         cells = table[key]
         print_line(
@@ -201,9 +218,11 @@ def print_table(table: dict[str, dict[str, Any]]) -> None:
                 cell_text(cells["redis-py"]),
                 ratio_text(cells["ours"], cells["1.2.4"]),
                 ratio_text(cells["ours"], cells["redis-py"]),
+                paired_text(runs, key, "ours", "redis-py"),
             )
         )
-    print("(ops/s, or tasks/s for e2e; best of the rounds)")
+    print("(ops/s, or tasks/s for e2e; best of the rounds; paired: the median over rounds of")
+    print(" ours/redis-py within one round)")
 
 
 def print_rss(rss: dict[str, dict[str, Any]]) -> None:
@@ -261,7 +280,7 @@ def main() -> None:
             rss[side] = run_side(side, url, args.rss_tasks, "rss").get("results", {}).get("rss", {})
     table = best(runs)
     print()
-    print_table(table)
+    print_table(table, runs)
     print_rss(rss)
     elapsed = time.monotonic() - began
     print(f"\n{args.rounds} round(s), n={args.n}, took {elapsed:.0f}s; figures in {args.json}")
