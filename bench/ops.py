@@ -361,10 +361,12 @@ async def ops_per_s(factory: Factory, url: str, n: int, concurrency: int) -> dic
     return {"ops_per_s": await measure(factory, url, n, concurrency)}
 
 
-async def micro(side: str, url: str, n: int) -> dict[str, Any]:
+async def micro(side: str, url: str, n: int, only: str | None = None) -> dict[str, Any]:
     column = 1 if side == "redis-py" else 0
     results: dict[str, Any] = {}
     for name, factories in OPERATIONS.items():
+        if only is not None and name != only:
+            continue
         for concurrency in CONCURRENCIES:
             work = ops_per_s(factories[column], url, n, concurrency)
             results[f"{name}@{concurrency}"] = await guarded(work)
@@ -572,9 +574,10 @@ def side_info() -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"side": args.side, "info": side_info()}
     if args.mode == "micro":
-        report["results"] = await micro(args.side, args.url, args.n)
-        kinds = [] if args.side == "redis-py" else ["stream", "list"]
-        for kind in kinds:
+        report["results"] = await micro(args.side, args.url, args.n, args.only)
+    elif args.mode == "e2e":
+        report["results"] = {}
+        for kind in ["stream", "list"]:
             work = end_to_end(kind, args.url, args.n, args.log_dir, rss=False)
             report["results"][f"e2e {kind} broker@worker"] = await guarded(work)
     else:
@@ -591,7 +594,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--side", required=True, choices=["ours", "1.2.4", "redis-py"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--mode", choices=["micro", "rss"], default="micro")
+    parser.add_argument("--mode", choices=["micro", "e2e", "rss"], default="micro")
+    parser.add_argument("--only", choices=list(OPERATIONS), help="this operation alone")
     parser.add_argument("--log-dir", type=Path, default=BENCH_DIR.parent / ".bench")
     return parser.parse_args()
 

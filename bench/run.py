@@ -111,7 +111,7 @@ def flushall(url: str) -> None:
     client.close()
 
 
-def run_side(side: str, url: str, n: int, mode: str) -> dict[str, Any]:
+def run_side(side: str, url: str, n: int, mode: str, only: str | None = None) -> dict[str, Any]:
     """One run of ops.py in the side's interpreter; its last stdout line is the JSON.
 
     On Ctrl-C the side gets SIGINT first, so it can stop its taskiq worker.
@@ -119,6 +119,7 @@ def run_side(side: str, url: str, n: int, mode: str) -> dict[str, Any]:
     flushall(url)
     command = [str(SIDES[side]), str(BENCH_DIR / "ops.py"), "--side", side, "--url", url]
     command += ["--n", str(n), "--mode", mode, "--log-dir", str(STATE_DIR / "logs" / side)]
+    command += ["--only", only] if only else []
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate()
@@ -272,9 +273,18 @@ def main() -> None:
     rss: dict[str, dict[str, Any]] = {}
     with redis_server() as url:
         for round_no in range(1, args.rounds + 1):
-            for side in SIDES:
-                print(f"round {round_no}/{args.rounds}: {side} ...", flush=True)
-                runs.append(run_side(side, url, args.n, "micro") | {"round": round_no})
+            # Sides take turns per operation, ours and redis-py next to each other and first in
+            # turn, so each pair of the "paired" column compares neighbours in time.
+            pair = ["ours", "redis-py"] if round_no % 2 else ["redis-py", "ours"]
+            for name in OPERATIONS:
+                print(f"round {round_no}/{args.rounds}: {name} ...", flush=True)
+                for side in [*pair, "1.2.4"]:
+                    run = run_side(side, url, args.n, "micro", only=name)
+                    runs.append(run | {"round": round_no})
+            for side in ("ours", "1.2.4"):
+                print(f"round {round_no}/{args.rounds}: e2e, {side} ...", flush=True)
+                run = run_side(side, url, args.n, "e2e")
+                runs.append(run | {"round": round_no})
         for side in args.rss_sides if args.rss_tasks else ():
             print(f"RSS run: {side}, {args.rss_tasks} tasks ...", flush=True)
             rss[side] = run_side(side, url, args.rss_tasks, "rss").get("results", {}).get("rss", {})
