@@ -85,6 +85,12 @@ BLOCKING_COMMANDS = frozenset(
 LANE_CAP = 4
 PATIENCE = 0.02
 
+# A lane that takes at least 2 * SPLIT_AT commands sends them as two halves on two connections
+# (when the pool has two free): the server runs the second half while the client reads the
+# first's replies and its callers go on, instead of each side waiting for the other. Result
+# get+del at concurrency 50 went from 2.37x to 2.80x plain redis-py (A/B, 4 rounds).
+SPLIT_AT = 16
+
 # How long a single node's lanes keep a connection with no command before it goes back to the
 # pool (only while the pool has others free; see AutoPipeline.__init__).
 KEEP_IDLE = 0.05
@@ -223,7 +229,16 @@ class AutoPipeline:
                 batch = [waiter for waiter in server.waiting if not waiter[2].done()]
                 server.waiting = []
                 server.collecting = False
-                if batch:
+                if len(batch) >= 2 * SPLIT_AT and self._free(server) > 1:
+                    # Two halves on two connections: the server works on the second while this
+                    # client takes the first's replies (and its callers send their next ones).
+                    half = len(batch) // 2
+                    server.latest = time.monotonic()
+                    await asyncio.gather(
+                        self._round_trip(server, batch[:half]),
+                        self._round_trip(server, batch[half:]),
+                    )
+                elif batch:
                     server.latest = time.monotonic()
                     await self._round_trip(server, batch)
         finally:

@@ -190,3 +190,29 @@ async def test_a_push_message_among_batched_replies_is_not_taken_for_a_reply(
             assert replies == [True] * len(keys) + [key.encode() for key in keys]
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
+@pytest.mark.parametrize("pool", [None, 1])
+async def test_a_large_batch_goes_as_two_halves_when_the_pool_has_two_connections(
+    topology: Topology, pool: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = connection.single_node(topology.kwargs()["url"], pool)
+    sizes: list[int] = []
+    lanes = conn._pipeline
+    real_send_many = lanes._send_many
+
+    async def counting(server: Any, batch: list[Any]) -> list[Any]:
+        sizes.append(len(batch))
+        return await real_send_many(server, batch)
+
+    monkeypatch.setattr(lanes, "_send_many", counting)
+    try:
+        texts = [f"echo {n}" for n in range(100)]
+        replies = await asyncio.gather(*(conn.execute("ECHO", text) for text in texts))
+        assert replies == [text.encode() for text in texts]
+    finally:
+        await conn.close()
+    # The first command goes out alone; the 99 queued behind it go as one batch, or as two
+    # halves when a second connection is free.
+    assert sizes == ([99] if pool == 1 else [49, 50])
