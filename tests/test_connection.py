@@ -283,13 +283,15 @@ async def test_a_small_command_beside_a_64_mb_read_waits_no_longer_than_plain_re
         ours_times, plain_times = [], []
         await ours.execute("PING")
         await plain.execute_command("PING")  # type: ignore[no-untyped-call]
-        for _ in range(7):  # alternated, so both see the same machine load
+        for _ in range(9):  # alternated, so each pair sees the same machine load
             ours_times.append(await latency(ours.execute))
             plain_times.append(await latency(plain.execute_command))
-        ours_ms = statistics.median(ours_times) * 1000
-        plain_ms = statistics.median(plain_times) * 1000
-        # 5 ms of slack: both are a few ms when the read does not hold the event loop.
-        assert ours_ms <= 1.5 * plain_ms + 5, f"ours {ours_ms:.1f} ms, redis-py {plain_ms:.1f} ms"
+        # Each pair's ratio, with 5 ms of slack (both are a few ms when the read does not hold
+        # the event loop); the median pair, as a suite running tests in parallel disturbs some.
+        pairs = list(zip(ours_times, plain_times, strict=True))
+        ratios = [(o - 0.005) / p for o, p in pairs]
+        shown = [f"{o * 1000:.0f}/{p * 1000:.0f}" for o, p in pairs]
+        assert statistics.median(ratios) <= 1.5, f"ours/redis-py ms per pair: {shown}"
     finally:
         await raw_redis.delete(big)
         await ours.close()
