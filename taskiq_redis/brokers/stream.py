@@ -474,7 +474,9 @@ class BaseStreamBroker(BaseRedisBroker):
         self._higher = None
         error = None if task.cancelled() else task.exception()
         if error is not None:
-            logger.warning("Checking the higher levels failed: %s", describe(error))
+            logger.warning(
+                "Checking the higher levels of %s failed: %s", self._queues, describe(error)
+            )
         elif not task.cancelled():
             self._ready.extendleft(reversed(task.result()))
 
