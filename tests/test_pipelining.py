@@ -27,9 +27,8 @@ async def conn(topology: Topology) -> AsyncIterator[connection.RedisConnection]:
     await opened.close()
 
 
-@pytest.fixture
-def pipelines(conn: connection.RedisConnection, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of every batch the connection sends, to see that batching happens."""
+def batch_sizes(conn: connection.RedisConnection, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch the connection sends from now on."""
     sizes: list[int] = []
     lanes = conn._pipeline
     real_send_many = lanes._send_many
@@ -40,6 +39,12 @@ def pipelines(conn: connection.RedisConnection, monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(lanes, "_send_many", counting)
     return sizes
+
+
+@pytest.fixture
+def pipelines(conn: connection.RedisConnection, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch the connection sends, to see that batching happens."""
+    return batch_sizes(conn, monkeypatch)
 
 
 async def test_concurrent_commands_share_round_trips_and_keep_their_replies(
@@ -198,15 +203,7 @@ async def test_a_large_batch_goes_as_two_halves_when_the_pool_has_two_connection
     topology: Topology, pool: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conn = connection.single_node(topology.kwargs()["url"], pool)
-    sizes: list[int] = []
-    lanes = conn._pipeline
-    real_send_many = lanes._send_many
-
-    async def counting(server: Any, batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return await real_send_many(server, batch)
-
-    monkeypatch.setattr(lanes, "_send_many", counting)
+    sizes = batch_sizes(conn, monkeypatch)
     try:
         texts = [f"echo {n}" for n in range(100)]
         replies = await asyncio.gather(*(conn.execute("ECHO", text) for text in texts))
