@@ -30,7 +30,7 @@ from typing import Any
 from taskiq import AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection, delays, keys, priorities, scripts
-from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis.brokers.base import READ_AHEAD_SHARE, BaseRedisBroker
 from taskiq_redis.diagnostics import describe
 
 logger = logging.getLogger("taskiq.redis_broker")
@@ -49,10 +49,6 @@ BLOCK_SECONDS = 1
 RESCUE_SECONDS = BLOCK_SECONDS + 2.0
 
 _Popped = tuple[int, bytes]  # (priority level, message)
-# After a pop that took a whole batch (a backlog), the next starts while 1/POP_AHEAD_SHARE of
-# it is still to be handed over, asking only for what tops the held messages up to batch_size,
-# so taskiq does not wait for a round trip and a killed worker still loses at most batch_size.
-POP_AHEAD_SHARE = 4
 
 
 def _highest_first(popped: _Popped) -> int:
@@ -82,7 +78,7 @@ class BaseListQueueBroker(BaseRedisBroker):
     ) -> None:
         super().__init__(conn, queue_name, result_backend, task_id_generator)
         self.batch_size = check_batch_size(batch_size)
-        self._pop_ahead_at = self.batch_size // POP_AHEAD_SHARE
+        self._pop_ahead_at = self.batch_size // READ_AHEAD_SHARE
         self.max_priority = priorities.check_max_priority(max_priority)
         self._levels = priorities.Levels(queue_name, self.max_priority)
         self._script = scripts.get(LIST_POP)

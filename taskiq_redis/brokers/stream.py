@@ -61,7 +61,7 @@ from redis.exceptions import ResponseError
 from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection, delays, keys, priorities, scripts
-from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis.brokers.base import READ_AHEAD_SHARE, BaseRedisBroker
 from taskiq_redis.diagnostics import describe, server_message
 
 if TYPE_CHECKING:
@@ -79,10 +79,6 @@ MAX_BLOCK_SECONDS = 1.0
 REDIS_PY_SOCKET_TIMEOUT = 5.0
 # A read unanswered this long after its BLOCK and the socket timeout have passed is given up.
 READ_MARGIN_SECONDS = 5.0
-# After a full read, the next starts while 1/READ_AHEAD_SHARE of it is still to be handed over,
-# so taskiq is not left waiting for a round trip: a worker draining a backlog sat 6-8% of its
-# time in reads. At most xread_count * (1 + 1/READ_AHEAD_SHARE) entries are held, not handed.
-READ_AHEAD_SHARE = 4
 # The idle time that releases an entry: over 31 years, yet below the server clock in ms
 # (Redis ignores an IDLE that would date the delivery before 1970).
 RELEASE_IDLE_MS = 10**12
