@@ -279,18 +279,17 @@ class AutoPipeline:
     async def _send_one(
         self, server: _Server, args: tuple[Any, ...], options: dict[str, Any]
     ) -> Any:
-        client = self._client
         if server.node is not None:
             return await self._direct(args, options)
-        if not isinstance(client, Redis):
-            return await client.execute_command(*args, **options)
-        [reply] = await self._send_on_single([(args, options)], client)
+        [reply] = await self._send_on_single([(args, options)])
         if isinstance(reply, BaseException):
             raise reply
         return reply
 
-    async def _send_on_single(self, commands: list[_Command], client: Redis) -> list[Any]:
+    async def _send_on_single(self, commands: list[_Command]) -> list[Any]:
         """One round trip on the single node's kept connection, or one from its pool."""
+        client = self._client
+        assert isinstance(client, Redis)  # a cluster's commands go to its nodes
         connection, self._kept = self._kept, None  # taken before any await: one user at a time
         if connection is None:
             connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -359,9 +358,7 @@ class AutoPipeline:
         node = server.node
         if node is not None:
             return await self._send_to_node(node, batch)
-        client = self._client
-        assert isinstance(client, Redis)
-        return await self._send_on_single(_commands(batch), client)
+        return await self._send_on_single(_commands(batch))
 
     async def _send_to_node(self, node: ClusterNode, batch: list[_Waiter]) -> list[Any]:
         """A batch for one cluster node on one of its connections.
