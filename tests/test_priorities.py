@@ -177,6 +177,31 @@ async def test_a_higher_level_found_by_a_read_ahead_goes_before_the_held_entries
     assert taken == [f"low{number}" for number in range(16)] + ["high", "low16"]
 
 
+async def test_a_draining_listener_hands_a_new_higher_level_over_within_a_few_messages(
+    topology: Topology, unique: str
+) -> None:
+    """Taken without a pause (a backlog drains), the held entries are not held against the levels
+    above for long: once they have waited RECHECK_SECONDS, the read that tops them up (or a
+    check) looks at those levels, and what it finds goes first."""
+    queue = f"drain{unique}"
+    broker = make_broker("stream", topology, queue, xread_count=20)
+    await broker.startup()
+    for number in range(60):
+        await broker.kick(message(f"low{number}"))
+    listener = broker.listen()
+    try:
+        taken = [body_of(await acked(await anext(listener))) for _ in range(2)]  # 18 held
+        await broker.kick(message("high", 9))
+        while "high" not in taken and len(taken) < 40:
+            await asyncio.sleep(priorities.RECHECK_SECONDS / 2)
+            taken.append(body_of(await acked(await anext(listener))))
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+    # Held entries handed over in the order read would put it at 20 or later.
+    assert "high" in taken[:12], taken
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_delayed_message_goes_to_its_level_when_due(
     kind: str, topology: Topology, unique: str

@@ -125,7 +125,8 @@ async def test_killed_workers_messages_are_taken_by_a_busy_worker(
     idle_ms = 2000
     queue = producer.queue_name
     full = ("--max-async-tasks", "20")
-    options = {"idle_timeout": idle_ms, "xread_count": 20, "consumer_name": f"dying-{queue}"}
+    dying_name = f"dying-{queue}"
+    options = {"idle_timeout": idle_ms, "xread_count": 20, "consumer_name": dying_name}
     with stream_worker(topology, queue, full, **options) as dying:
         await asyncio.to_thread(dying.wait_ready)
         for i in range(20):
@@ -138,7 +139,7 @@ async def test_killed_workers_messages_are_taken_by_a_busy_worker(
             await eventually(lambda: pending(raw_redis, queue), 24, "every message taken")
             # taskiq 0.12's receiver reads ahead even when full: the dying worker may hold a
             # b-task or two without running them; the busy worker runs all the others.
-            held = await held_by(raw_redis, queue, options["consumer_name"]) - 20
+            held = await held_by(raw_redis, queue, dying_name) - 20
             assert 0 <= held < 4, held
             await until(lambda: len(tags(busy, STARTED)) == 4 - held, "the second worker is busy")
             dying.kill()
