@@ -392,26 +392,26 @@ class BaseStreamBroker(BaseRedisBroker):
             self._keep_renewing()
             self._take_higher()
             while self._ready:
-                if self._higher is not None or (
-                    time.monotonic() - self._checked > priorities.RECHECK_SECONDS
-                ):
+                now = time.monotonic()
+                if self._higher is not None or now - self._checked > priorities.RECHECK_SECONDS:
                     await self._recheck()
-                if len(self._ready) <= self._read_ahead_at:
+                if len(self._ready) <= self._read_ahead_at and len(self._reads) < len(
+                    self._read_groups
+                ):
                     self._start_reads(ahead=True)  # answered before these are handed over
                 if self._answered:
                     await self._take_read_ahead()
-                entry = self._ready.popleft()
-                delivery = self._held.get((entry.stream, entry.entry_id))
+                entry = stream, entry_id, deliveries, data, _ = self._ready.popleft()
+                delivery = self._held.get((stream, entry_id))
                 if delivery is None:  # another consumer reclaimed it meanwhile
                     continue
-                problem = self._problem(entry)
-                if problem is None and entry.data is not None:
-                    delivery.handed = self._last_handed = time.monotonic()
-                    yield AckableMessage(
-                        data=entry.data, ack=_Ack(self, entry.stream, entry.entry_id, delivery)
-                    )
-                else:
-                    self._spawn(self._dead_letter(entry, delivery, problem or "no data"))
+                if data is None or (
+                    self.max_deliveries is not None and deliveries > self.max_deliveries
+                ):
+                    self._spawn(self._dead_letter(entry, delivery, self._problem(entry)))
+                    continue
+                delivery.handed = self._last_handed = now
+                yield AckableMessage(data=data, ack=_Ack(self, stream, entry_id, delivery))
             try:
                 self._ready.extend(await self._fetch())
             except Exception as exc:  # redis-py raises more than RedisError
@@ -718,17 +718,15 @@ class BaseStreamBroker(BaseRedisBroker):
         if self._held.get((stream, entry_id)) is delivery:
             del self._held[stream, entry_id]
 
-    def _problem(self, entry: _Entry) -> str | None:
-        """Why an entry goes to the dead-letter stream instead of to taskiq, if it does.
+    def _problem(self, entry: _Entry) -> str:
+        """Why an entry goes to the dead-letter stream instead of to taskiq.
 
         Only what the transport decides: whether the data is a taskiq message is taskiq's
         receiver's business (it logs and acknowledges what it cannot parse).
         """
         if self.max_deliveries is not None and entry.deliveries > self.max_deliveries:
             return f"delivered {entry.deliveries} times, max_deliveries is {self.max_deliveries}"
-        if entry.data is None:
-            return "the entry has no data field"
-        return None
+        return "the entry has no data field"
 
     async def _dead_letter(self, entry: _Entry, delivery: _Delivery, reason: str) -> None:
         """Copy the entry to the dead-letter stream and acknowledge it, in one script call."""
