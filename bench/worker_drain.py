@@ -5,18 +5,22 @@ Run as ``.venv/bin/python bench/worker_drain.py`` (``make bench`` runs it after 
 (made by ``run.py`` when missing) and puts the ``hiredis`` wheel in ``.bench/hiredis`` (a
 ``--target`` folder added to ``PYTHONPATH`` for the "hiredis" runs, so no venv changes).
 
-One measurement is one process (``--child``): it starts the broker, queues ``--n`` no-op tasks
-with the broker's own ``kick``, then runs taskiq's ``Receiver`` (what ``taskiq worker`` runs,
-``--max-async-tasks 100``, no result backend, logging at WARNING) until every task ran.
-tasks/s = tasks / (the first task's start to the last task's start). The sides:
+One measurement is one process (``--child``) that drains twice, in turns: the side's broker and
+the ceiling, a broker that yields the queued bytes from memory (taskiq's own cost per task).
+Each drain queues ``--n`` no-op tasks with the broker's own ``kick``, then runs taskiq's
+``Receiver`` (what ``taskiq worker`` runs, ``--max-async-tasks 100``, no result backend, logging
+at WARNING) until every task ran; tasks/s = tasks / (the first task's start to the last task's
+start). The sides:
 
-- ``ceiling``: a broker that yields the queued bytes from memory: taskiq's own cost per task.
 - ``ours list``, ``ours stream``: this package's ``ListQueueBroker`` and ``RedisStreamBroker``.
 - ``1.2.4 stream``, ``1.2.4 list``: taskiq-redis 1.2.4's, in its own venv.
 
 Each Redis side runs without hiredis (redis-py's pure-Python parser, forced where hiredis is
-installed) and with it (this package's default install on CPython). Sides
-alternate within each round; the table shows each figure's best round (noise only slows).
+installed) and with it (this package's default install on CPython). Sides alternate within each
+round, and so does which of a child's two drains goes first. The table shows each figure's best
+round (noise only slows) and the median over rounds of each side's share of the ceiling drained
+beside it: this machine's speed moves by tens of percent within seconds, and a share of a
+ceiling measured a second away is much steadier than one of a ceiling measured minutes away.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ HIREDIS_DIR = STATE_DIR / "hiredis"
 TASK = "drain.noop"
 # (side, interpreter: ours or 1.2.4, broker kind)
 SIDES = [
-    ("ceiling", "ours", "memory"),
     ("ours list", "ours", "list"),
     ("ours stream", "ours", "stream"),
     ("1.2.4 list", "1.2.4", "list"),
@@ -139,7 +142,10 @@ def ensure_hiredis() -> None:
     subprocess.run([*pip, "--target", str(HIREDIS_DIR), "hiredis"], check=True)
 
 
-def run_child(python: Path, kind: str, url: str, n: int, hiredis: bool) -> dict[str, Any]:
+def run_child(
+    python: Path, kind: str, url: str, n: int, hiredis: bool, ceiling_first: bool
+) -> dict[str, Any]:
+    """One child: the side's drain and a ceiling's, in the order asked; both results."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if hiredis:
@@ -147,12 +153,14 @@ def run_child(python: Path, kind: str, url: str, n: int, hiredis: bool) -> dict[
     command = [str(python), __file__, "--child", kind, "--url", url, "--n", str(n)]
     if hiredis:
         command.append("--hiredis")
+    if ceiling_first:
+        command.append("--ceiling-first")
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         return {"error": done.stderr.strip().splitlines()[-3:]}
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    if result["hiredis"] != hiredis:
-        return {"error": f"asked for hiredis={hiredis}, ran with {result['hiredis']}"}
+    if result["side"]["hiredis"] != hiredis:
+        return {"error": f"asked for hiredis={hiredis}, ran with {result['side']['hiredis']}"}
     return result
 
 
@@ -162,7 +170,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=5000, help="tasks per run (default 5000)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="n=1000, 1 round")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "worker_drain.json")
     args = parser.parse_args()
@@ -173,47 +181,54 @@ def main() -> None:
     ensure_hiredis()
     pythons = {"ours": OURS_PYTHON, "1.2.4": OLD_VENV / "bin" / "python"}
     runs: dict[str, list[dict[str, Any]]] = {}
+    ceilings: list[float] = []
     with redis_server() as url:
         for round_no in range(1, args.rounds + 1):
             print(f"worker drain, round {round_no}/{args.rounds} ...", flush=True)
+            turn = round_no
             for side, python, kind in SIDES:
-                for hiredis in (False, True) if kind != "memory" else (False,):
+                for hiredis in (False, True):
+                    turn += 1
                     flushall(url)
-                    outcome = run_child(pythons[python], kind, url, args.n, hiredis)
+                    outcome = run_child(
+                        pythons[python], kind, url, args.n, hiredis, ceiling_first=turn % 2 == 0
+                    )
+                    if "error" not in outcome:
+                        ceilings.append(outcome["ceiling"]["tasks_per_s"])
                     runs.setdefault(f"{side}|{hiredis}", []).append(outcome)
-    best = {
-        key: max((r["tasks_per_s"] for r in outcomes if "tasks_per_s" in r), default=None)
-        for key, outcomes in runs.items()
-    }
-    ceiling = best["ceiling|False"]
-    ceilings = [r.get("tasks_per_s") for r in runs["ceiling|False"]]
+    ceiling = max(ceilings, default=0.0)
 
-    def round_share(key: str) -> float | None:
-        """The median over rounds of the share of that round's ceiling: steadier than best."""
+    def best(key: str) -> float | None:
+        rates = [r["side"]["tasks_per_s"] for r in runs[key] if "error" not in r]
+        return max(rates, default=None)
+
+    def paired_share(key: str) -> float | None:
+        """The median over rounds of the side's share of the ceiling drained beside it."""
         shares = [
-            r["tasks_per_s"] / top
-            for r, top in zip(runs[key], ceilings, strict=True)
-            if "tasks_per_s" in r and top
+            r["side"]["tasks_per_s"] / r["ceiling"]["tasks_per_s"]
+            for r in runs[key]
+            if "error" not in r
         ]
         return statistics.median(shares) if shares else None
 
     print(f"\nworker drain: {args.n} queued no-op tasks, one Receiver, {args.rounds} round(s)")
-    print("tasks/s: best round; share: of the best ceiling / median of each round's share;")
-    print("no hiredis: redis-py's pure-Python parser; hiredis: what installs by default")
+    print("tasks/s: best round; share: of the best ceiling / median over rounds of the share of")
+    print("the ceiling drained beside it; no hiredis: redis-py's pure-Python parser; hiredis:")
+    print("what installs by default")
     print(f"{'broker':14}{'no hiredis':>11}{'share':>12}{'hiredis':>10}{'share':>12}")
-    for side, _, kind in SIDES:
+    print(f"{'ceiling':14}{ceiling:>11.0f}{'100%':>12}")
+    for side, _, _ in SIDES:
         cells = []
         for hiredis in (False, True):
             key = f"{side}|{hiredis}"
-            figure = best.get(key) if kind != "memory" or not hiredis else None
-            median = round_share(key) if figure is not None else None
-            if figure is None:
-                cells += ["-" if kind == "memory" else "error", ""]
+            figure, median = best(key), paired_share(key)
+            if figure is None or median is None:
+                cells += ["error", ""]
             else:
                 share = f"{figure / ceiling:.0%}" if ceiling else "n/a"
-                cells += [f"{figure:.0f}", f"{share} / {median:.0%}" if median else share]
+                cells += [f"{figure:.0f}", f"{share} / {median:.0%}"]
         print(f"{side:14}{cells[0]:>11}{cells[1]:>12}{cells[2]:>10}{cells[3]:>12}")
-    args.json.write_text(json.dumps({"n": args.n, "best": best, "runs": runs}, indent=2))
+    args.json.write_text(json.dumps({"n": args.n, "ceiling": ceiling, "runs": runs}, indent=2))
     errors = {key: r["error"] for key, outcomes in runs.items() for r in outcomes if "error" in r}
     if errors:
         print(f"errors: {json.dumps(errors)[:2000]}")
@@ -221,12 +236,18 @@ def main() -> None:
 
 def child() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", choices=["memory", "list", "stream"], required=True)
+    parser.add_argument("--child", choices=["list", "stream"], required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--hiredis", action="store_true")
+    parser.add_argument("--ceiling-first", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(measure(args.child, args.url, args.n, args.hiredis))))
+    order = ["ceiling", "side"] if args.ceiling_first else ["side", "ceiling"]
+    result = {}
+    for name in order:
+        kind = "memory" if name == "ceiling" else args.child
+        result[name] = asyncio.run(measure(kind, args.url, args.n, args.hiredis))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
