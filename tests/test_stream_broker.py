@@ -23,6 +23,7 @@ from taskiq_redis import (
     RedisStreamClusterBroker,
     RedisStreamSentinelBroker,
     keys,
+    priorities,
 )
 from taskiq_redis.brokers.stream import BaseStreamBroker
 from tests.servers import AsyncRedisClient, RedisServers, Topology
@@ -625,6 +626,30 @@ async def test_a_worker_that_is_not_asked_for_more_leaves_new_messages_to_others
         await idle_stream.aclose()
         await full.shutdown()
         await idle.shutdown()
+
+
+async def test_a_draining_listener_holds_at_most_a_quarter_more_than_xread_count(
+    make_broker: Callable[..., BaseStreamBroker], raw_redis: AsyncRedisClient
+) -> None:
+    """Reads ahead, also those started early to look at the levels above, ask only for what
+    keeps the entries read and not yet handed over within 1.25 times ``xread_count``."""
+    broker = make_broker(xread_count=20)
+    await broker.startup()
+    queue = broker.queue_name
+    stream = broker.listen()
+    try:
+        await asyncio.gather(*(kick(broker, i) for i in range(150)))
+        held = []
+        for number in range(100):
+            held += await receive(stream, 1, ack=False)  # still pending: counted as handed
+            # Taken quickly (a backlog drains), yet slowly enough that the entries held are due
+            # for a look at the levels above every few messages.
+            await asyncio.sleep(priorities.RECHECK_SECONDS / 3)
+            read_not_handed = await pending(raw_redis, queue) - len(held)
+            assert read_not_handed <= 25, (number, read_not_handed)
+    finally:
+        await stream.aclose()
+        await broker.shutdown()
 
 
 @pytest.mark.parametrize("topology", ["single"], indirect=True)
