@@ -524,6 +524,8 @@ class BaseStreamBroker(BaseRedisBroker):
         if count is not None:
             # No more than keeps what is held below xread_count plus a read-ahead's share.
             room = min(count, count + self._read_ahead_at - len(self._ready))
+            if room < 1:
+                return
             count = max(1, room // len(self._read_groups))
         for streams in self._read_groups:
             if streams in self._reads or (ahead and not self._full.get(streams)):
