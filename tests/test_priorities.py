@@ -7,7 +7,9 @@ queue; listeners take the highest level that holds messages, oldest first within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -154,26 +156,39 @@ async def test_a_high_priority_kick_behind_a_backlog_runs_next_in_a_real_worker(
     assert started[:4] == list(dict.fromkeys(expected))[:4], log
 
 
+@contextlib.asynccontextmanager
+async def stream_backlog(
+    topology: Topology, queue: str, lows: int
+) -> AsyncIterator[tuple[Any, Callable[[], Awaitable[str]]]]:
+    """A started stream broker (``xread_count=20``) with ``lows`` level-0 messages queued, and a
+    function that takes, acknowledges and names the next message its listener hands over."""
+    broker = make_broker("stream", topology, queue, xread_count=20)
+    await broker.startup()
+    for number in range(lows):
+        await broker.kick(message(f"low{number}"))
+    listener = broker.listen()
+
+    async def take() -> str:
+        return body_of(await acked(await anext(listener)))
+
+    try:
+        yield broker, take
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+
+
 async def test_a_higher_level_found_by_a_read_ahead_goes_before_the_held_entries(
     topology: Topology, unique: str
 ) -> None:
     """The stream listener reads the next batch while a quarter of the last is left; when that
     read finds a higher level, its entries are handed over before the ones still held."""
-    queue = f"ahead{unique}"
-    broker = make_broker("stream", topology, queue, xread_count=20)
-    await broker.startup()
-    for number in range(30):
-        await broker.kick(message(f"low{number}"))
-    listener = broker.listen()
-    try:
-        taken = [body_of(await acked(await anext(listener))) for _ in range(15)]  # 5 held
+    async with stream_backlog(topology, f"ahead{unique}", 30) as (broker, take):
+        taken = [await take() for _ in range(15)]  # 5 held
         await broker.kick(message("high", 9))
-        taken.append(body_of(await acked(await anext(listener))))  # starts the read ahead
+        taken.append(await take())  # starts the read ahead
         await asyncio.sleep(0.2)  # it has answered, with the level above the held ones
-        taken += [body_of(await acked(await anext(listener))) for _ in range(2)]
-    finally:
-        await listener.aclose()
-        await broker.shutdown()
+        taken += [await take() for _ in range(2)]
     assert taken == [f"low{number}" for number in range(16)] + ["high", "low16"]
 
 
@@ -183,21 +198,12 @@ async def test_a_draining_listener_hands_a_new_higher_level_over_within_a_few_me
     """Taken without a pause (a backlog drains), the held entries are not held against the levels
     above for long: once they have waited RECHECK_SECONDS, the read that tops them up (or a
     check) looks at those levels, and what it finds goes first."""
-    queue = f"drain{unique}"
-    broker = make_broker("stream", topology, queue, xread_count=20)
-    await broker.startup()
-    for number in range(60):
-        await broker.kick(message(f"low{number}"))
-    listener = broker.listen()
-    try:
-        taken = [body_of(await acked(await anext(listener))) for _ in range(2)]  # 18 held
+    async with stream_backlog(topology, f"drain{unique}", 60) as (broker, take):
+        taken = [await take() for _ in range(2)]  # 18 held
         await broker.kick(message("high", 9))
         while "high" not in taken and len(taken) < 40:
             await asyncio.sleep(priorities.RECHECK_SECONDS / 2)
-            taken.append(body_of(await acked(await anext(listener))))
-    finally:
-        await listener.aclose()
-        await broker.shutdown()
+            taken.append(await take())
     # Held entries handed over in the order read would put it at 20 or later.
     assert "high" in taken[:12], taken
 
