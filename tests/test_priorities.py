@@ -179,10 +179,13 @@ async def stream_backlog(
 
 
 async def test_a_higher_level_found_by_a_read_ahead_goes_before_the_held_entries(
-    topology: Topology, unique: str
+    topology: Topology, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The stream listener reads the next batch while a quarter of the last is left; when that
     read finds a higher level, its entries are handed over before the ones still held."""
+    # No other look at the levels above meanwhile: on a slow machine the held entries became
+    # due for one before the read ahead, which then handed `high` over a message sooner.
+    monkeypatch.setattr(priorities, "RECHECK_SECONDS", 60.0)
     async with stream_backlog(topology, f"ahead{unique}", 30) as (broker, take):
         taken = [await take() for _ in range(15)]  # 5 held
         await broker.kick(message("high", 9))
