@@ -466,10 +466,14 @@ class BaseStreamBroker(BaseRedisBroker):
             return
         self._checked = now
         group = self._group_of[stream]
-        if not unhurried and self._full.get(group) and group not in self._reads:
+        if (
+            not unhurried
+            and self._full.get(group)
+            and group not in self._reads
+            and self._start_reads(ahead=True)
+        ):
             # A backlog drains: the read that tops the held entries up (made sooner than it
             # would be) looks at the levels above too, in the same round trip.
-            self._start_reads(ahead=True)
             return
         above = self._levels[self._queue_of[stream]].read_order(above=level)
         self._higher = self._spawn(self._read_higher(above))
@@ -513,20 +517,22 @@ class BaseStreamBroker(BaseRedisBroker):
         await asyncio.wait({task})
         return task.result()
 
-    def _start_reads(self, ahead: bool = False) -> None:
-        """Start a read for each stream group that has none in flight.
+    def _start_reads(self, ahead: bool = False) -> bool:
+        """Start a read for each stream group that has none in flight; whether any started.
 
         A read ahead (before the held entries run out) is made only for a group whose last read
         came back full, a backlog, and never blocks: a worker whose taskiq stopped asking must
-        not sit on new messages that idle workers could run.
+        not sit on new messages that idle workers could run. It asks for no more than keeps
+        what is held within xread_count plus a read ahead's share, and is not made when that
+        is full already.
         """
         count = self.count
         if count is not None:
-            # No more than keeps what is held below xread_count plus a read-ahead's share.
             room = min(count, count + self._read_ahead_at - len(self._ready))
-            if room < 1:
-                return
+            if ahead and room < 1:
+                return False
             count = max(1, room // len(self._read_groups))
+        started = False
         for streams in self._read_groups:
             if streams in self._reads or (ahead and not self._full.get(streams)):
                 continue
@@ -535,6 +541,8 @@ class BaseStreamBroker(BaseRedisBroker):
             )
             task.add_done_callback(self._read_answered)
             self._read_since[streams] = time.monotonic()
+            started = True
+        return started
 
     def _read_answered(self, _: object) -> None:
         self._answered = True
