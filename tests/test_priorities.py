@@ -220,11 +220,13 @@ async def test_a_delayed_message_goes_to_its_level_when_due(
     await broker.startup()
     for number in range(4):
         await broker.kick(message(f"low{number}"))
-    await broker.kick(message("high", 7, delay=0.3))
+    # Not due for a second: the first read is made well before (with 0.3 s, a slow CI run
+    # had the mover put it on its level before the listener's first read).
+    await broker.kick(message("high", 7, delay=1.0))
     listener = broker.listen()
     try:
         first = body_of(await acked(await asyncio.wait_for(anext(listener), 10)))
-        await asyncio.sleep(1.2)  # the mover (0.5 s poll) has moved it by now
+        await asyncio.sleep(2.0)  # the mover (0.5 s poll) has moved it by now
         rest = [body_of(await acked(await asyncio.wait_for(anext(listener), 10))) for _ in range(4)]
     finally:
         await listener.aclose()
