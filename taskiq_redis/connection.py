@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -121,7 +122,7 @@ class RedisConnection:
         """
         assert isinstance(self.client, Redis)
         pool = self.client.connection_pool
-        assert isinstance(pool, SentinelConnectionPool)
+        assert isinstance(pool, BlockingSentinelPool)
         primary = None
         me = asyncio.current_task()
         while self._watch is me:
@@ -144,7 +145,7 @@ class RedisConnection:
             primary = named
             await asyncio.sleep(PRIMARY_CHECK)
 
-    async def _close_strays(self, pool: SentinelConnectionPool, primary: Any) -> None:
+    async def _close_strays(self, pool: BlockingSentinelPool, primary: Any) -> None:
         """Close the connections that are not to ``primary``, idle or in use.
 
         A connection whose lookup got the old primary just before the switch can finish
@@ -152,8 +153,7 @@ class RedisConnection:
         writes that are lost when it is demoted, then answers READONLY; a blocking read there
         was once seen never to return. So every check closes such strays too.
         """
-        connections = [*pool._available_connections, *pool._in_use_connections]
-        for connection in connections:
+        for connection in list(pool.made_connections):
             address = getattr(connection, "host", None), getattr(connection, "port", None)
             if connection.is_connected and address != tuple(primary):
                 logger.warning(
@@ -249,19 +249,26 @@ class _AsksOnReconnect(SentinelManagedConnection):
     blocking read there was seen never to return (redis-py 7.2 to 8.1).
     """
 
-    _asked = False  # connect_to() is connecting to an address the sentinels just gave
+    # connect_to() is connecting to an address the sentinels just gave. (The subclasses of
+    # redis-py's classes name their own state without a leading underscore, so it can never
+    # collide with redis-py's private names.)
+    connecting_to_named = False
 
     async def connect_to(self, address: Any) -> None:
-        self._asked = True
+        self.connecting_to_named = True
         try:
             await super().connect_to(address)  # type: ignore[no-untyped-call]
         finally:
-            self._asked = False
+            self.connecting_to_named = False
 
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
-        if not self.is_connected and not self._asked and self.connection_pool.is_master:
+        if (
+            not self.is_connected
+            and not self.connecting_to_named
+            and self.connection_pool.is_master
+        ):
             await self.connect()  # type: ignore[no-untyped-call]
             return
         await super().connect_check_health(
@@ -285,7 +292,14 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
         secure = kwargs.get("ssl", False)
         kwargs.setdefault("connection_class", _AsksOnReconnectSSL if secure else _AsksOnReconnect)
+        # Every connection the pool made, idle or in use, for the primary watch to check.
+        self.made_connections: weakref.WeakSet[Any] = weakref.WeakSet()
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+
+    def make_connection(self) -> Any:
+        connection = super().make_connection()  # type: ignore[no-untyped-call]
+        self.made_connections.add(connection)
+        return connection
 
 
 def single_node(
@@ -322,10 +336,11 @@ class _Sentinels(Sentinel):
     error's kind (``network:ConnectionError``): neither the address nor what went wrong.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._named: dict[str, tuple[str, int]] = {}  # the primary last named, per service
-        self._unanswered: set[str] = set()  # services now served from ``_named``
+    def __init__(self, sentinels: Any, force_master_ip: str | None = None, **kwargs: Any) -> None:
+        super().__init__(sentinels, force_master_ip=force_master_ip, **kwargs)  # type: ignore[no-untyped-call,unused-ignore]
+        self.forced_primary_ip = force_master_ip
+        self.last_named: dict[str, tuple[str, int]] = {}  # the primary last named, per service
+        self.unanswered: set[str] = set()  # services now served from ``last_named``
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         """The address the first sentinel that knows a healthy ``service_name`` names.
@@ -356,18 +371,18 @@ class _Sentinels(Sentinel):
                 answers.append(f"{where} (names {state['ip']}:{state['port']}, flags {flags})")
             else:
                 self.sentinels[0], self.sentinels[index] = link, self.sentinels[0]
-                forced = self._force_master_ip
+                forced = self.forced_primary_ip
                 named = (state["ip"] if forced is None else forced), state["port"]
-                self._named[service_name] = named
-                if service_name in self._unanswered:
-                    self._unanswered.discard(service_name)
+                self.last_named[service_name] = named
+                if service_name in self.unanswered:
+                    self.unanswered.discard(service_name)
                     logger.info("A sentinel answers again for %r: %s:%s", service_name, *named)
                 return named
         told = "; ".join(answers)
-        last = self._named.get(service_name)
+        last = self.last_named.get(service_name)
         if last is not None and not reached:
-            if service_name not in self._unanswered:
-                self._unanswered.add(service_name)
+            if service_name not in self.unanswered:
+                self.unanswered.add(service_name)
                 logger.warning(
                     "No sentinel answers for %r (%s); using the primary they last named, %s:%s",
                     service_name,
@@ -416,6 +431,17 @@ def sentinel(
     closers: list[Callable[[], Awaitable[None]]] = [client.aclose]
     closers += [link.aclose for link in watcher.sentinels]
     return RedisConnection(client, "sentinel", closers, sentinel=watcher, master_name=master_name)
+
+
+class HasConnection:
+    """Every broker, result backend and schedule source of this package: its connection."""
+
+    _conn: RedisConnection
+
+    @property
+    def redis_connection(self) -> RedisConnection:
+        """The connection its commands go through (the operators' tools use it too)."""
+        return self._conn
 
 
 class SingleNodeAttributes:

@@ -110,7 +110,7 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class BaseListRedisScheduleSource(ScheduleSource):
+class BaseListRedisScheduleSource(connection.HasConnection, ScheduleSource):
     """The list source; the public classes below only choose how to reach Redis."""
 
     def __init__(
@@ -351,7 +351,7 @@ class BaseListRedisScheduleSource(ScheduleSource):
             moving = delete and await self._shares_slot_with(source)
             for schedule in schedules:
                 if moving and isinstance(source, BaseRedisScheduleSource):
-                    old = [source._key(schedule.schedule_id), source._index]
+                    old = [source.schedule_key(schedule.schedule_id), source.index_key]
                     await self._store(schedule, move_from=old)
                     continue
                 await self.add_schedule(schedule)
@@ -369,18 +369,18 @@ class BaseListRedisScheduleSource(ScheduleSource):
         """
         if not isinstance(source, BaseRedisScheduleSource):
             return False
-        if source._conn.is_cluster != self._conn.is_cluster:
+        if source.redis_connection.is_cluster != self._conn.is_cluster:
             return False
-        if self._conn.is_cluster and key_slot(source._index.encode()) != key_slot(
+        if self._conn.is_cluster and key_slot(source.index_key.encode()) != key_slot(
             self._index.encode()
         ):
             return False
-        probe, token = keys.schedule_probe_key(source._base), uuid.uuid4().hex
-        await source._conn.execute("SET", probe, token, "PX", 60_000)
+        probe, token = keys.schedule_probe_key(source.key_base), uuid.uuid4().hex
+        await source.redis_connection.execute("SET", probe, token, "PX", 60_000)
         try:
             seen = await self._conn.execute("GET", probe)
         finally:
-            await source._conn.execute("DEL", probe)
+            await source.redis_connection.execute("DEL", probe)
         return bool(seen == token.encode())
 
 

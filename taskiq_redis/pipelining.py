@@ -22,12 +22,12 @@ routed to all primaries), or without a key, never joins a batch: redis-py refuse
 pipeline holding one, failing every command beside it. Blocking commands (BRPOP, XREADGROUP)
 never join one either: they would hold the batch until they return.
 
-A lane writes its commands itself, packed by hiredis where it is installed (redis-py's asyncio
-connections pack every command in Python, 10.5 us for an EVALSHA against 1.3 us), straight to
-the socket when it takes them all (redis-py wraps each write in ``asyncio.wait_for``), and reads
-the replies through redis-py's reply callbacks, taking those hiredis already holds without
-redis-py's per-reply timeout; a connection lost mid-batch has its unanswered commands sent
-again one by one through redis-py, with its reconnect retry.
+A lane packs its commands with hiredis where it is installed (redis-py's asyncio connections
+pack every command in Python, 10.5 us for an EVALSHA against 1.3 us), writes them with the
+connection's ``send_packed_command`` and reads each reply with the client's ``parse_response``:
+only redis-py's public API, so a redis-py release that reworks its parsers, writers or pool
+bookkeeping cannot break the batches. A connection lost mid-batch has its unanswered commands
+sent again one by one through redis-py, with its reconnect retry.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.connection import AbstractConnection
-from redis.client import NEVER_DECODE
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -60,14 +58,6 @@ try:  # redis-py's asyncio connections pack commands in Python; hiredis packs th
     from hiredis import pack_command as _pack_in_c
 except ImportError:  # no hiredis (PyPy): redis-py packs
     _pack_in_c = None
-
-_HiredisParser: Any
-try:  # the parser whose buffered replies a batch takes without waiting (see _reply_source)
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA
-    from redis._parsers.hiredis import _AsyncHiredisParser as _HiredisParser
-except ImportError:  # a redis-py that moved them: every reply is read through redis-py
-    _HiredisParser = NOT_ENOUGH_DATA = None
-_REDIS_PY_READ = AbstractConnection.read_response
 
 _Command = tuple[tuple[Any, ...], dict[str, Any]]  # a command's arguments and redis-py options
 _Waiter = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
@@ -181,12 +171,13 @@ class AutoPipeline:
         cluster = self._cluster
         if cluster is None:
             return self._single
-        if cluster._initialize or cluster.command_flags.get(name):
-            return None  # redis-py initialises the cluster, or sends it to a group of nodes
+        if cluster.command_flags.get(name):
+            return None  # redis-py sends it to a group of nodes
         try:
-            slot = await cluster._determine_slot(*args)
-            node = cluster.nodes_manager.get_node_from_slot(slot)
-        except RedisError:  # no key, keys in several slots, no slot table yet
+            node = await _node_for(cluster, name, args)
+        except (RedisError, ValueError, IndexError, TypeError):  # no slot table yet, bad args
+            return None
+        if node is None:
             return None
         server = self._nodes.get(node.name)
         if server is None:
@@ -195,19 +186,21 @@ class AutoPipeline:
         return server
 
     def _free(self, server: _Server) -> int:
-        """How many connections the server's pool can hand out without waiting."""
+        """How many connections the server's lanes may take without waiting (at least).
+
+        A single node's pool says whether it can hand one out at once (``can_get_connection``);
+        the kept connection is in use by the pool's count but ours to take. A cluster node's
+        pool has no public count of what is in use: the lanes count what they take themselves,
+        and a node whose connections others hold (a blocking read) makes a lane wait for one,
+        as redis-py's own cluster commands do.
+        """
         node = server.node
         if node is None:
-            pool = self._client.connection_pool  # type: ignore[union-attr]
-            kept = self._kept is not None  # in use by the pool's count, but ours to take
-            try:
-                return int(pool.max_connections) - len(pool._in_use_connections) + kept
-            except (AttributeError, TypeError):
-                return 1
-        try:
-            return int(node.max_connections) - len(node._connections) + len(node._free)
-        except (AttributeError, TypeError):
-            return 1
+            assert isinstance(self._client, Redis)  # a cluster's servers are its nodes
+            can_get = getattr(self._client.connection_pool, "can_get_connection", None)
+            available = 1 if can_get is None or can_get() else 0
+            return available + (self._kept is not None)
+        return int(node.max_connections) - server.lanes
 
     def _start_lane(self, server: _Server) -> None:
         server.lanes += 1
@@ -406,6 +399,27 @@ class AutoPipeline:
                 await asyncio.sleep(0.005)
 
 
+# Script calls name their keys by count; redis-py's command table cannot tell them apart.
+_SCRIPT_CALLS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+
+
+async def _node_for(cluster: RedisCluster, name: str, args: tuple[Any, ...]) -> ClusterNode | None:
+    """The primary that owns every key of the command; None when it names no key or several slots.
+
+    Through the cluster client's public calls: ``initialize`` (returns at once once the slot
+    table is known, and refreshes it when redis-py asked for that after a redirection), its
+    command parser for the keys of plain commands, and ``keyslot`` / ``get_node_from_key``.
+    """
+    await cluster.initialize()
+    if name in _SCRIPT_CALLS:
+        keys: Any = args[3 : 3 + int(args[2])]
+    else:
+        keys = await cluster.commands_parser.get_keys(*args)
+    if not keys or len({cluster.keyslot(key) for key in keys}) != 1:
+        return None
+    return cluster.get_node_from_key(keys[0])
+
+
 _PACKED_IN_C = (str, bytes, int, float)  # exact types: a bool is refused by redis-py
 
 
@@ -441,19 +455,21 @@ def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> Any:
 async def _exchange(connection: Any, batch: list[_Command], parse: Any) -> list[Any]:
     """Send the batch on ``connection`` in one write and read the replies, in order.
 
+    Everything goes through the connection's public calls (``send_packed_command``, and the
+    client's ``parse_response``, which reads with the connection's ``read_response`` and applies
+    redis-py's reply callbacks), so redis-py's timeouts, push handling and reply forms hold.
     An error reply is that command's own. A connection error ends the exchange: the replies
     read so far are returned (the rest are the caller's to resend) and the connection is
     closed, as redis-py does. Any other failure (a timeout) is every unanswered command's reply.
     """
     replies: list[Any] = []
     try:
-        if getattr(connection, "should_reconnect", lambda: False)():
+        if getattr(connection, "should_reconnect", _never)():
             await connection.disconnect()
-        await _send(connection, _packed(connection, [args for args, _ in batch]))
+        await connection.send_packed_command(_packed(connection, [args for args, _ in batch]))
         for args, options in batch:
             try:
-                source = await _reply_source(connection, options)
-                replies.append(await parse(source, args[0], **options))
+                replies.append(await parse(connection, args[0], **options))
             except ResponseError as error:  # this command's own error
                 replies.append(error)
     except LostConnection:
@@ -470,76 +486,9 @@ async def _exchange(connection: Any, batch: list[_Command], parse: Any) -> list[
     return replies
 
 
-async def _send(connection: Any, packed: bytes | list[bytes]) -> None:
-    """redis-py's ``send_packed_command``, without its task and timer when the socket takes all.
-
-    redis-py runs every write under ``asyncio.wait_for`` when a socket timeout is set (its
-    default since 8.0): a task and a timer per command, ~10 us on these machines. A write the
-    socket takes at once has nothing to wait for; anything else (not connected, a health check
-    due, a socket that kept some bytes back) goes through redis-py, with its timeout and errors.
-    """
-    writer = getattr(connection, "_writer", None)
-    if (
-        writer is None
-        or not connection.is_connected
-        or connection.health_check_interval
-        or writer.transport.is_closing()
-    ):
-        await connection.send_packed_command(packed)
-        return
-    if isinstance(packed, bytes):
-        writer.write(packed)
-    else:  # redis-py's packer: large values stay chunks of their own
-        writer.writelines(packed)
-    if writer.transport.get_write_buffer_size():  # waits for the socket, within socket_timeout
-        await connection.send_packed_command([])
-
-
-class _Ready:
-    """Stands in for the connection in redis-py's ``parse_response``: a reply already read."""
-
-    __slots__ = ("reply",)
-
-    def __init__(self, reply: Any) -> None:
-        self.reply = reply
-
-    async def read_response(self, disable_decoding: bool = False) -> Any:
-        if isinstance(self.reply, ResponseError):
-            raise self.reply
-        return self.reply
-
-
-async def _reply_source(connection: Any, options: dict[str, Any]) -> Any:
-    """Where redis-py's ``parse_response`` reads the next reply from.
-
-    The reply itself when hiredis already holds all of its bytes, as it does for most replies
-    of a batch once the first has arrived: nothing to wait for, so no timeout to arm (redis-py
-    arms one per reply, ~16% of a batch's client time at concurrency 50). Otherwise, or for a
-    connection class with its own ``read_response`` (sentinel's turns READONLY into a
-    reconnect), the connection, read by redis-py with its timeout.
-    """
-    parser: Any = getattr(connection, "_parser", None)
-    if (
-        _HiredisParser is None
-        or type(parser) is not _HiredisParser
-        or not parser._connected
-        or connection.health_check_interval
-        or type(connection).read_response is not _REDIS_PY_READ
-    ):
-        return connection
-    while True:
-        reply = parser._reader.gets(False) if NEVER_DECODE in options else parser._reader.gets()
-        if reply is NOT_ENOUGH_DATA:
-            return connection
-        push = parser._hiredis_PushNotificationType
-        if push is None or not isinstance(reply, push):
-            break
-        await parser.handle_push_response(reply)  # as redis-py's parser does, then read on
-    if isinstance(reply, LostConnection):  # as redis-py's parser: LOADING and the like
-        raise reply
-    if isinstance(reply, list) and reply and isinstance(reply[0], LostConnection):
-        raise reply[0]
-    return _Ready(reply)
+def _never() -> bool:
+    """Stands in for ``should_reconnect`` on a redis-py that has none (before 8.0)."""
+    return False
 
 
 def _commands(batch: list[_Waiter]) -> list[_Command]:

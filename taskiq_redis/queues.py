@@ -116,7 +116,7 @@ class DeadLetter:
 
 
 def _conn(target: RedisConnection | BaseRedisBroker) -> RedisConnection:
-    return target._conn if isinstance(target, BaseRedisBroker) else target
+    return target.redis_connection if isinstance(target, BaseRedisBroker) else target
 
 
 def _text(value: Any) -> str:

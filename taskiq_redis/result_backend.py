@@ -78,7 +78,7 @@ def expiry_arguments(
     return ()
 
 
-class BaseRedisResultBackend(AsyncResultBackend[_ReturnType]):
+class BaseRedisResultBackend(connection.HasConnection, AsyncResultBackend[_ReturnType]):
     """The result backend; the public classes below only choose how to reach Redis."""
 
     def __init__(

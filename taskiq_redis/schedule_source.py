@@ -128,7 +128,7 @@ async def read_schedules(
     return found, missing
 
 
-class BaseRedisScheduleSource(ScheduleSource):
+class BaseRedisScheduleSource(connection.HasConnection, ScheduleSource):
     """The key-based source; the public classes below only choose how to reach Redis."""
 
     def __init__(
@@ -143,18 +143,19 @@ class BaseRedisScheduleSource(ScheduleSource):
         self.prefix = prefix
         self.buffer_size = buffer_size
         self.serializer = serializer or PickleSerializer()
-        self._base = keys.schedule_base(prefix, conn.is_cluster)
-        self._index = keys.schedule_index_key(self._base)
+        self.key_base = keys.schedule_base(prefix, conn.is_cluster)
+        self.index_key = keys.schedule_index_key(self.key_base)
         self._indexed = False
         self._next_legacy_scan = 0.0
 
-    def _key(self, schedule_id: str) -> str:
-        return keys.schedule_key(self._base, schedule_id)
+    def schedule_key(self, schedule_id: str) -> str:
+        """The key that holds the schedule ``schedule_id``."""
+        return keys.schedule_key(self.key_base, schedule_id)
 
     def _legacy_key(self, schedule_id: str) -> str | None:
         """taskiq-redis 1.2's name for a schedule where it differs from ours (a cluster)."""
         legacy = f"{self.prefix}:{schedule_id}"
-        return None if legacy == self._key(schedule_id) else legacy
+        return None if legacy == self.schedule_key(schedule_id) else legacy
 
     async def startup(self) -> None:
         """Load the script and index the schedules taskiq-redis 1.2 wrote."""
@@ -171,7 +172,7 @@ class BaseRedisScheduleSource(ScheduleSource):
         await scripts.run(
             self._conn,
             scripts.get(KEY_WRITE),
-            [self._key(schedule_id), self._index],
+            [self.schedule_key(schedule_id), self.index_key],
             [schedule_id, action, payload],
         )
         legacy = self._legacy_key(schedule_id)
@@ -207,7 +208,7 @@ class BaseRedisScheduleSource(ScheduleSource):
         found = 0
         async for key in scan_keys(self._conn, pattern, "string"):
             schedule_id = key[len(self.prefix) + 1 :]
-            if key == self._key(schedule_id):
+            if key == self.schedule_key(schedule_id):
                 in_place.append(schedule_id)
                 continue
             payload = await self._conn.execute("GET", key)
@@ -215,7 +216,7 @@ class BaseRedisScheduleSource(ScheduleSource):
                 await self._write(schedule_id, "set", payload)
                 found += 1
         for part in chunks(in_place, SCAN_COUNT):
-            found += await self._conn.execute("ZADD", self._index, "NX", *_scored(part))
+            found += await self._conn.execute("ZADD", self.index_key, "NX", *_scored(part))
         self._indexed = True
         self._next_legacy_scan = time.monotonic() + LEGACY_RESCAN_SECONDS
         return found
@@ -241,7 +242,7 @@ class BaseRedisScheduleSource(ScheduleSource):
         start = b"-"
         while True:
             page = await self._conn.execute(
-                "ZRANGE", self._index, start, "+", "BYLEX", "LIMIT", 0, self._batch
+                "ZRANGE", self.index_key, start, "+", "BYLEX", "LIMIT", 0, self._batch
             )
             ids += [text(member) for member in page]
             if len(page) < self._batch:
@@ -255,7 +256,7 @@ class BaseRedisScheduleSource(ScheduleSource):
         elif time.monotonic() >= self._next_legacy_scan:
             await self._rescan_legacy()
         found, missing = await read_schedules(
-            self._conn, self.serializer, await self._schedule_ids(), self._key, self._batch
+            self._conn, self.serializer, await self._schedule_ids(), self.schedule_key, self._batch
         )
         for schedule_id in missing:
             await self._write(schedule_id, "prune")
@@ -266,8 +267,10 @@ class BaseRedisScheduleSource(ScheduleSource):
             else:
                 # A string under the prefix that is not one of this source's schedules, e.g. a
                 # list source's ``prefix:data:id`` when both use the same prefix.
-                logger.debug("Key %s is not a schedule of this source", self._key(schedule_id))
-                await self._conn.execute("ZREM", self._index, schedule_id)
+                logger.debug(
+                    "Key %s is not a schedule of this source", self.schedule_key(schedule_id)
+                )
+                await self._conn.execute("ZREM", self.index_key, schedule_id)
         return schedules
 
 

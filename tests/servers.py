@@ -860,7 +860,7 @@ class Topology:
         if self.name == "cluster":
             return redis.asyncio.RedisCluster.from_url(self.url, **options)
         # redis-py leaves the Sentinel constructor unannotated.
-        sentinel = redis.asyncio.Sentinel(self.sentinels)  # type: ignore[no-untyped-call]
+        sentinel = redis.asyncio.Sentinel(self.sentinels)  # type: ignore[no-untyped-call,unused-ignore]
         return cast(
             redis.asyncio.Redis,
             sentinel.master_for(self.master_name, redis_class=_SentinelMasterClient, **options),

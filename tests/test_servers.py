@@ -155,7 +155,7 @@ def test_cluster_has_three_primaries_covering_every_slot(redis_servers: RedisSer
 
 
 async def test_sentinel_reports_the_primary(redis_servers: RedisServers) -> None:
-    sentinel = redis.asyncio.Sentinel(redis_servers.sentinels)  # type: ignore[no-untyped-call]
+    sentinel = redis.asyncio.Sentinel(redis_servers.sentinels)  # type: ignore[no-untyped-call,unused-ignore]
     try:
         address = await sentinel.discover_master(redis_servers.master_name)
     finally:

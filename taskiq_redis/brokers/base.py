@@ -15,7 +15,7 @@ from redis import exceptions as redis_errors
 from taskiq import AsyncBroker, AsyncResultBackend, BrokerMessage
 
 from taskiq_redis import connection
-from taskiq_redis.connection import RedisConnection
+from taskiq_redis.connection import HasConnection, RedisConnection
 from taskiq_redis.diagnostics import describe
 
 logger = logging.getLogger("taskiq.redis_broker")
@@ -75,7 +75,7 @@ def _stop_signals(on_stop: Callable[[], object]) -> Iterator[None]:
             signal.signal(sig, earlier)
 
 
-class BaseRedisBroker(AsyncBroker):
+class BaseRedisBroker(connection.HasConnection, AsyncBroker):
     """A broker over one :class:`RedisConnection`; the topology was chosen by the caller."""
 
     def __init__(
@@ -104,8 +104,9 @@ class BaseRedisBroker(AsyncBroker):
         """
         if self.is_worker_process:
             await self._wait_for(self._conn)
-            backend_conn = getattr(self.result_backend, "_conn", None)
-            if isinstance(backend_conn, RedisConnection) and backend_conn is not self._conn:
+            backend = self.result_backend
+            backend_conn = backend.redis_connection if isinstance(backend, HasConnection) else None
+            if backend_conn is not None and backend_conn is not self._conn:
                 await self._wait_for(backend_conn)
         await super().startup()
 

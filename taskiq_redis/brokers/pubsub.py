@@ -84,7 +84,7 @@ class BasePubSubBroker(BaseRedisBroker):
                 failed = True
             finally:
                 with contextlib.suppress(Exception):
-                    await session.aclose()  # type: ignore[no-untyped-call]
+                    await session.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             await backoff.wait()
 
     async def _subscribe(self, session: PubSub, after_failure: bool) -> None:

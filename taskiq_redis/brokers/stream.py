@@ -180,19 +180,22 @@ class _Ack:
     flag; the renewal loop acts on it.
     """
 
-    __slots__ = ("_broker", "_delivery", "_entry_id", "_stream")
+    __slots__ = ("_ack", "_delivery", "_entry_id", "_stream")
 
     def __init__(
-        self, broker: BaseStreamBroker, stream: str, entry_id: str, delivery: _Delivery
+        self,
+        ack: Callable[[str, str, _Delivery], Awaitable[None]],
+        stream: str,
+        entry_id: str,
+        delivery: _Delivery,
     ) -> None:
-        self._broker = broker
+        self._ack = ack
         self._stream = stream
         self._entry_id = entry_id
         self._delivery = delivery
-        broker._handed += 1
 
     def __call__(self) -> Awaitable[None]:
-        return self._broker._ack(self._stream, self._entry_id, self._delivery)
+        return self._ack(self._stream, self._entry_id, self._delivery)
 
     def __del__(self) -> None:
         if not self._delivery.acking:
@@ -305,7 +308,7 @@ class BaseStreamBroker(BaseRedisBroker):
         self._renewer: asyncio.Task[None] | None = None
         self._acks: dict[str, list[_AckItem]] = {}
         self._acker: asyncio.Task[None] | None = None
-        self._handed = 0  # messages handed to taskiq so far (see _Ack)
+        self._handed = 0  # messages handed to taskiq so far
         self._collected_at = 0.0
         self._checked = 0.0  # when Redis last said which levels have new entries (monotonic)
         self._higher: asyncio.Task[list[_Entry]] | None = None  # the check of higher levels
@@ -411,7 +414,8 @@ class BaseStreamBroker(BaseRedisBroker):
                     self._spawn(self._dead_letter(entry, delivery, self._problem(entry)))
                     continue
                 delivery.handed = self._last_handed = now
-                yield AckableMessage(data=data, ack=_Ack(self, stream, entry_id, delivery))
+                self._handed += 1
+                yield AckableMessage(data=data, ack=_Ack(self._ack, stream, entry_id, delivery))
             try:
                 self._ready.extend(await self._fetch())
             except Exception as exc:  # redis-py raises more than RedisError
