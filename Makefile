@@ -7,18 +7,23 @@ BIN := $(VENV)/bin
 # WITHOUT_HIREDIS=1 removes hiredis after installing: redis-py's pure-Python parser, which is
 # what installs where hiredis has no wheel (PyPy).
 WITHOUT_HIREDIS ?=
-# The stamp names the pins and the parser, so changing either reinstalls.
-STAMP := $(VENV)/.installed-$(shell echo '$(PINS) $(WITHOUT_HIREDIS)' | cksum | cut -d' ' -f1)
+# PIP_UPGRADE=1 upgrades everything to the newest releases allowed (the matrix's latest entry),
+# once a day.
+PIP_UPGRADE ?=
+# The stamp names the pins and the parser (and the day, when upgrading), so a change reinstalls.
+STAMP := $(VENV)/.installed-$(shell echo '$(PINS) $(WITHOUT_HIREDIS) \
+	$(if $(PIP_UPGRADE),$(shell date +%F))' | cksum | cut -d' ' -f1)
 REDIS_PORT ?= 6379
 
 .PHONY: install run test lint bench redis-up redis-down clean test-matrix test-low test-high \
-	test-valkey
+	test-latest test-valkey
 
 $(STAMP): pyproject.toml
 	bash tools/ensure-redis.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]' $(PINS)
+	$(BIN)/python -m pip install -q $(if $(PIP_UPGRADE),--upgrade --upgrade-strategy eager) \
+		-e '.[dev]' $(PINS)
 	$(if $(WITHOUT_HIREDIS),$(BIN)/python -m pip uninstall -q -y hiredis)
 	$(BIN)/python -m pip list 2>/dev/null | grep -iE '^(redis|taskiq|hiredis) ' | tr -s ' ' | paste -sd ' '
 	touch $(STAMP)
@@ -41,12 +46,15 @@ lint: install
 
 # The version matrix CI runs (README, "Compatibility"): `make test` once per entry, each in a
 # virtualenv of its own. The low end is the oldest of everything pyproject allows, the high end
-# the newest; the Valkey run swaps the server programs the suite starts, and runs without
-# hiredis, so redis-py's pure-Python parser is tested too.
+# the newest; the latest entry pins nothing, so it installs what `pip install` gives a user on
+# the day it runs (a release newer than the high end included); the Valkey run swaps the server
+# programs the suite starts, and runs without hiredis, so redis-py's pure-Python parser is
+# tested too.
 LOW_PYTHON := 3.10
 LOW_PINS := redis==7.2.0 taskiq==0.12.0 hiredis==3.2.0
 HIGH_PYTHON := 3.13
-HIGH_PINS := redis==8.1.0 taskiq==0.13.0 hiredis==3.5.0
+HIGH_PINS := redis==8.2.0 taskiq==0.13.0 hiredis==3.5.0
+LATEST_PYTHON := 3.12
 # pythonX.Y from PATH, else from pyenv's versions (a pyenv shim fails for a version not selected).
 find-python = $(or $(firstword $(foreach candidate,python$(1) \
 	$(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)) \
@@ -54,13 +62,17 @@ find-python = $(or $(firstword $(foreach candidate,python$(1) \
 	$(shell $(candidate) -c 'print("$(candidate)")' 2>/dev/null))),\
 	$(error no python$(1) found: install Python $(1), e.g. with pyenv))
 
-test-matrix: test-low test-high test-valkey
+test-matrix: test-low test-high test-latest test-valkey
 
 test-low:
 	$(MAKE) test VENV=.venv-matrix/low PYTHON=$(call find-python,$(LOW_PYTHON)) PINS='$(LOW_PINS)'
 
 test-high:
 	$(MAKE) test VENV=.venv-matrix/high PYTHON=$(call find-python,$(HIGH_PYTHON)) PINS='$(HIGH_PINS)'
+
+test-latest:
+	$(MAKE) test VENV=.venv-matrix/latest PYTHON=$(call find-python,$(LATEST_PYTHON)) \
+		PIP_UPGRADE=1
 
 test-valkey:
 	bash tools/ensure-redis.sh valkey

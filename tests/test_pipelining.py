@@ -9,9 +9,22 @@ from typing import Any
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError, ResponseError
+from taskiq import TaskiqResult
 
-from taskiq_redis import connection, pipelining
-from tests.servers import Topology
+from taskiq_redis import (
+    ListQueueBroker,
+    ListQueueClusterBroker,
+    ListQueueSentinelBroker,
+    RedisAsyncClusterResultBackend,
+    RedisAsyncResultBackend,
+    RedisAsyncSentinelResultBackend,
+    RedisStreamBroker,
+    RedisStreamClusterBroker,
+    RedisStreamSentinelBroker,
+    connection,
+    pipelining,
+)
+from tests.servers import AsyncRedisClient, Topology
 
 FACTORIES: dict[str, Callable[..., connection.RedisConnection]] = {
     "single": connection.single_node,
@@ -213,3 +226,53 @@ async def test_a_large_batch_goes_as_two_halves_when_the_pool_has_two_connection
     # The first command goes out alone; the 99 queued behind it go as one batch, or as two
     # halves when a second connection is free.
     assert sizes == ([99] if pool == 1 else [49, 50])
+
+
+@pytest.mark.parametrize("kind", ["list", "stream"])
+async def test_two_hundred_overlapping_kicks_and_results_succeed_with_default_pools(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str, kind: str
+) -> None:
+    """What a new user does first: many ``kiq()``, ``set_result`` and ``get_result`` at once.
+
+    With redis-py 8.2 every overlapping call of an earlier version failed (an object of ours
+    stood in for redis-py's connection); the package now uses redis-py's public API only.
+    """
+    backend: Any
+    if topology.name == "single":
+        backend = RedisAsyncResultBackend(topology.url, keep_results=False)
+    elif topology.name == "cluster":
+        backend = RedisAsyncClusterResultBackend(topology.url, keep_results=False)
+    else:
+        backend = RedisAsyncSentinelResultBackend(**topology.kwargs(), keep_results=False)
+    broker_classes: dict[str, tuple[Any, Any, Any]] = {
+        "list": (ListQueueBroker, ListQueueClusterBroker, ListQueueSentinelBroker),
+        "stream": (RedisStreamBroker, RedisStreamClusterBroker, RedisStreamSentinelBroker),
+    }
+    single, cluster, sentinel = broker_classes[kind]
+    broker_class = topology.pick(single=single, cluster=cluster, sentinel=sentinel)
+    broker = broker_class(**topology.kwargs(), queue_name=f"queue-{unique}")
+    broker = broker.with_result_backend(backend)
+
+    @broker.task(task_name=f"echo-{unique}")  # type: ignore[untyped-decorator,unused-ignore]
+    async def echo(value: int) -> int:
+        return value
+
+    await broker.startup()
+    try:
+        kicked = await asyncio.gather(*(echo.kiq(n) for n in range(200)))
+        assert len({task.task_id for task in kicked}) == 200
+        queued = await (
+            raw_redis.llen(f"queue-{unique}")
+            if kind == "list"
+            else raw_redis.xlen(f"queue-{unique}")
+        )
+        assert queued == 200
+        ids = [task.task_id for task in kicked]
+        results = [
+            TaskiqResult(is_err=False, return_value=n, execution_time=0.1) for n in range(200)
+        ]
+        await asyncio.gather(*(backend.set_result(i, r) for i, r in zip(ids, results, strict=True)))
+        got = await asyncio.gather(*(backend.get_result(i) for i in ids))
+        assert [value.return_value for value in got] == list(range(200))
+    finally:
+        await broker.shutdown()
