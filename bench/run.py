@@ -226,6 +226,34 @@ def print_table(table: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) ->
     print(" ours/redis-py within one round)")
 
 
+def print_redis_cpu(runs: list[dict[str, Any]]) -> None:
+    """Redis's own CPU per call, median over rounds, for the micro operations."""
+    print("\nRedis server CPU per call (us, median over rounds; user + system, INFO cpu):")
+    print_line(
+        ("operation", "conc", "ours", "1.2.4", "redis-py", "ours/1.2.4", "ours/redis-py", "")
+    )
+    for key, shown in row_keys():
+        medians: dict[str, float] = {}
+        for side in SIDES:
+            values = [
+                float(run["results"][key]["redis_us_per_call"])
+                for run in runs
+                if run["side"] == side and "redis_us_per_call" in run["results"].get(key, {})
+            ]
+            if values:
+                medians[side] = statistics.median(values)
+        if not medians:
+            continue
+        cells = tuple(f"{medians[side]:.1f}" if side in medians else "n/a" for side in SIDES)
+        ratios = tuple(
+            f"{medians['ours'] / medians[bottom]:.2f}"
+            if "ours" in medians and medians.get(bottom)
+            else "n/a"
+            for bottom in ("1.2.4", "redis-py")
+        )
+        print_line((key.split("@")[0], shown, *cells, *ratios, ""))
+
+
 def print_rss(rss: dict[str, dict[str, Any]]) -> None:
     print("\nworker memory, stream broker, default options:")
     for side, outcome in rss.items():
@@ -291,6 +319,7 @@ def main() -> None:
     table = best(runs)
     print()
     print_table(table, runs)
+    print_redis_cpu(runs)
     print_rss(rss)
     elapsed = time.monotonic() - began
     print(f"\n{args.rounds} round(s), n={args.n}, took {elapsed:.0f}s; figures in {args.json}")
