@@ -78,8 +78,9 @@ async def use_every_script(url: str, unique: str) -> None:
     await kick(stream)
     await kick(stream, delay=0.2)
     await kick(stream, priority=5, delay=0.2)  # stream_read over the level streams
+    await kick(stream, priority=3)  # stream_add: the level's first message makes its stream
     listener = stream.listen()
-    for _ in range(2):
+    for _ in range(3):
         first = await asyncio.wait_for(anext(listener), 10)
         await first.ack()  # type: ignore[misc]
     received = await asyncio.wait_for(anext(listener), 10)

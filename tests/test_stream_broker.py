@@ -671,7 +671,7 @@ async def test_a_read_on_a_frozen_server_is_given_up_and_sent_again(
         pid = server.pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            await asyncio.sleep(broker._read_patience + 1.5)
+            await asyncio.sleep(broker.read_patience + 1.5)
         finally:
             os.kill(pid, signal.SIGCONT)
         task_id = await kick(broker, 1)
