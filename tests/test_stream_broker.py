@@ -433,21 +433,33 @@ async def test_an_ack_does_not_wait_for_a_paused_server_and_is_made_after(
 async def test_a_clean_stop_sends_the_queued_acks_first(
     make_broker: Callable[..., BaseStreamBroker], raw_redis: AsyncRedisClient
 ) -> None:
-    broker = make_broker()
+    """A stop makes the acks still queued before it releases what it holds: an acknowledged
+    task released first could be reclaimed by another consumer and run a second time."""
+    broker = make_broker(idle_timeout=600_000)  # only a release lets another consumer take them
+    queue = broker.queue_name
     await broker.startup()
     try:
         await kick(broker, 1)
         await kick(broker, 2)
         stream = broker.listen()
-        messages = await receive(stream, 2, ack=False)
+        first, second = await receive(stream, 2, ack=False)
         await stream.aclose()
-        await pause_server_of(raw_redis, broker.queue_name, 500)  # the acks cannot go yet
-        for message in messages:
-            await message.ack()  # type: ignore[misc]
+        await pause_server_of(raw_redis, queue, 1500)  # writes and scripts wait, in order
+        await first.ack()  # type: ignore[misc]
+        await asyncio.sleep(0.1)  # its ack call is out, waiting in the paused server
+        await second.ack()  # type: ignore[misc]  # queued behind it: one ack call at a time
+        stopping = asyncio.ensure_future(broker.shutdown())
+        await asyncio.sleep(0.2)  # whatever the stop sends at once is out by now
+        # Another consumer's reclaim, exactly as it asks: it runs after what is already out.
+        reclaim = asyncio.ensure_future(
+            raw_redis.xautoclaim(queue, "taskiq", "another-consumer", 600_000, "0-0")
+        )
+        await asyncio.wait_for(stopping, PATIENCE)
+        _, taken, *_ = await asyncio.wait_for(reclaim, PATIENCE)
     finally:
         await broker.shutdown()
-    # Sent before the stop released anything: acknowledged, not handed to another consumer.
-    assert await settled(raw_redis, broker.queue_name)
+    assert taken == [], f"another consumer took acknowledged entries: {taken}"
+    assert await settled(raw_redis, queue)
 
 
 async def pause_server_of(raw: AsyncRedisClient, key: str, ms: int) -> None:
