@@ -59,7 +59,9 @@ async def test_delayed_messages_arrive_by_due_time_and_not_before(
     assert [body for body, _ in arrivals[3:]] == ["early", "middle", "late"]
     for body, arrived in arrivals[3:]:
         assert arrived >= due[body], f"{body} arrived {due[body] - arrived} ms early"
-        assert arrived - due[body] < 1000, f"{body} arrived {arrived - due[body]} ms late"
+        # Not a latency figure (the mover wakes at least every 0.5 s; a loaded machine adds
+        # its own): only a mover that stopped waking, and moved on some later event, fails.
+        assert arrived - due[body] < 5000, f"{body} arrived {arrived - due[body]} ms late"
     assert await raw_redis.zcard(keys.delayed_key(queue)) == 0
 
 
