@@ -13,13 +13,14 @@ import sys
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from taskiq import BrokerMessage
 from taskiq.kicker import AsyncKicker
 
 import taskiq_redis
 from taskiq_redis import delays, keys
 from taskiq_redis.brokers.stream import BaseStreamBroker
-from tests.servers import Topology
+from tests.servers import StandaloneServer, Topology
 from tests.worker_process import WorkerProcess
 
 RECORD_TASK = "ops_app.record"  # tests/apps/ops_app.py
@@ -296,3 +297,33 @@ async def test_a_key_that_is_no_queue_is_named_in_the_error(
         done.stderr.strip()
         == f"taskiq-redis: 'h{unique}' is a Redis hash, not a stream or list queue"
     )
+
+
+async def test_a_scan_stops_near_scan_limit_and_says_so() -> None:
+    """Past ``--scan-limit`` keys the scan stops, the document says it is incomplete and a
+    warning names the option; without the limit in reach every queue is found."""
+    total = 5000
+    with StandaloneServer() as server:
+        server.start()
+        raw = Redis.from_url(server.url)
+        try:
+            pipe = raw.pipeline(transaction=False)
+            for number in range(total):
+                pipe.lpush(f"many{number}", "m")
+            await pipe.execute()
+        finally:
+            await raw.aclose()
+        cut = run_cli("queues", "--json", "--scan-limit", "1000", "--url", server.url)
+        whole = run_cli("queues", "--json", "--url", server.url)
+    assert cut.returncode == 0, cut.stderr
+    cut_document = json.loads(cut.stdout)
+    assert cut_document["scan_complete"] is False
+    assert "the scan stopped at --scan-limit" in cut.stderr
+    assert "raise --scan-limit" in cut.stderr
+    # "About" the limit: a SCAN call examines up to 1000 keys, so well under all 5000.
+    assert 0 < len(cut_document["queues"]) < total / 2, len(cut_document["queues"])
+    assert whole.returncode == 0, whole.stderr
+    whole_document = json.loads(whole.stdout)
+    assert whole_document["scan_complete"] is True
+    assert "scan stopped" not in whole.stderr
+    assert len(whole_document["queues"]) == total
