@@ -12,6 +12,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from taskiq_redis import (
 )
 from taskiq_redis.result_backend import BaseRedisResultBackend
 from tests.servers import AsyncRedisClient, RedisServers, Topology
+from tests.test_outages import acl_log
 
 # A hang guard only: a deadlocked pool fails the test instead of blocking the suite.
 PATIENCE = 20.0
@@ -140,16 +142,29 @@ async def test_small_pools_serve_fifty_concurrent_kicks(
         await broker.shutdown()
 
 
+async def blocked_clients(raw: AsyncRedisClient, key: str) -> int:
+    """How many clients wait in a blocking command on the server that holds ``key``."""
+    if isinstance(raw, RedisCluster):
+        await raw.exists(key)  # the client learns the slot table on its first command
+        info = await raw.info("clients", target_nodes=raw.get_node_from_key(key))
+    else:
+        info = await raw.info("clients")
+    return int(info["blocked_clients"])
+
+
+# How long a listener's blocking read waits at most (the brokers' XREADGROUP and BRPOP block).
+BLOCK_SECONDS = 1.0
+
+
 @pytest.mark.parametrize("kind", ["list", "stream"])
 async def test_a_pool_of_two_serves_a_listening_worker_without_waiting_for_its_read(
-    topology: Topology, unique: str, kind: str
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str, kind: str
 ) -> None:
     """1.2's documented minimum for a worker: the blocking read holds one connection."""
     queue = f"queue-{unique}"
     broker = make_broker(topology, kind, 2, queue)
     await broker.startup()
     received: list[bytes] = []
-    got_ten = asyncio.Event()
 
     async def listen() -> None:
         async for message in broker.listen():
@@ -158,25 +173,48 @@ async def test_a_pool_of_two_serves_a_listening_worker_without_waiting_for_its_r
                 received.append(message.data)
             else:
                 received.append(message)
-            if len(received) == 10:
-                got_ten.set()
 
+    async def wait_for(check: Callable[[], Any], what: str) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while not await check():
+            assert time.monotonic() < deadline, f"never happened: {what}"
+            await asyncio.sleep(0.01)
+
+    before = await blocked_clients(raw_redis, queue)
     listener = asyncio.create_task(listen())
     try:
-        await asyncio.sleep(0.3)  # the listener is now inside its blocking read
-        messages = [broker.formatter.dumps(task_message(n)) for n in range(10)]
-        payloads = [message.message for message in messages]
-        started = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*map(broker.kick, messages)), PATIENCE)
-        took = time.monotonic() - started
-        # Waiting for the idle read would take its whole block time (1 s) at least.
-        assert took < 0.5, f"10 kicks took {took:.2f} s beside an idle blocking read"
-        await asyncio.wait_for(got_ten.wait(), PATIENCE)
+        payloads: list[bytes] = []
+        took = []
+        for round_ in range(3):
+            # Each round kicks while the listener's read is blocked in the server: a kick that
+            # waited for that read would wait for the rest of its block, most of a second.
+            await wait_for(
+                lambda: _more_blocked(raw_redis, queue, before), "the listener's blocking read"
+            )
+            messages = [broker.formatter.dumps(task_message(n)) for n in range(10)]
+            payloads += [message.message for message in messages]
+            started = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*map(broker.kick, messages)), PATIENCE)
+            took.append(time.monotonic() - started)
+            count = 10 * (round_ + 1)
+            await wait_for(partial(_at_least, received, count), f"{count} received")
         assert sorted(received) == sorted(payloads)
+        # The quickest of three rounds: a loaded machine slows some, never all three by half
+        # a second, which is what waiting for the blocked read would cost each of them.
+        shown = ", ".join(f"{seconds:.2f}" for seconds in took)
+        assert min(took) < BLOCK_SECONDS / 2, f"10 kicks beside a blocked read took {shown} s"
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
         await broker.shutdown()
+
+
+async def _more_blocked(raw: AsyncRedisClient, key: str, before: int) -> bool:
+    return await blocked_clients(raw, key) > before
+
+
+async def _at_least(received: list[bytes], count: int) -> bool:
+    return len(received) >= count
 
 
 async def test_a_call_cancelled_before_it_was_sent_is_not_executed(
@@ -232,7 +270,8 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
 
         host, port = paused_name.rsplit(":", 1)
         pauser = Redis(host=host, port=int(port))
-        await pauser.execute_command("CLIENT", "PAUSE", 2000)  # type: ignore[no-untyped-call]
+        pause = 4.0  # the slow path: a command that waited for the paused node waits this long
+        await pauser.execute_command("CLIENT", "PAUSE", int(pause * 1000))  # type: ignore[no-untyped-call]
         try:
             stuck = [
                 asyncio.ensure_future(conn.execute("INCR", key)) for key in groups[paused_name][:20]
@@ -244,12 +283,14 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
                 replies = await asyncio.gather(*(conn.execute("INCR", key) for key in others))
                 waits.append(time.monotonic() - started)
                 assert all(isinstance(reply, int) for reply in replies)
-            # No round may wait for the paused node (2 s); the typical round is under 100 ms.
-            # The median, not the slowest, meets the 100 ms: on a loaded 2-core machine one
-            # round can lose the CPU for a while, which says nothing about the lanes.
+            # Every round ended while the node was still paused (the stuck commands are not
+            # done yet), and none came near the pause: they did not wait for it. (Typically a
+            # round takes milliseconds; the README's "under 100 ms" is measured, not asserted,
+            # as a loaded two-core machine can take the CPU from one round for a while.)
             shown = ", ".join(f"{wait * 1000:.0f}" for wait in waits)
-            assert max(waits) < 1.0, f"commands for other nodes waited for the pause: {shown} ms"
-            assert statistics.median(waits) < 0.1, f"commands for other nodes waited {shown} ms"
+            assert max(waits) < pause / 2, (
+                f"commands for other nodes waited for the pause: {shown} ms"
+            )
             assert not any(task.done() for task in stuck), "the node was not paused"
             assert await asyncio.wait_for(asyncio.gather(*stuck), PATIENCE) == [2] * 20
         finally:
@@ -347,11 +388,11 @@ async def test_a_wrong_password_is_not_retried_and_says_what_to_do(
     url = topology.url.replace("redis://", f"redis://{acl_user}:wrong@")
     backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(url)
     try:
-        started = time.monotonic()
         with pytest.raises(redis_errors.AuthenticationError) as raised:
             await backend.is_result_ready("any")
-        took = time.monotonic() - started
-        assert took < 0.3, f"the wrong password was retried for {took:.2f} s"
+        # Counted by the server, not timed: one refused AUTH, no retry.
+        attempts = await acl_log(topology.url, "auth", acl_user)
+        assert attempts == 1, f"{attempts} AUTH attempts for one command: the password was retried"
         assert str(raised.value) == (
             "invalid username-password pair or user is disabled.; taskiq-redis: check the "
             "username and password in the Redis URL (or the username/password arguments) "
@@ -367,10 +408,10 @@ async def test_a_user_without_scripting_is_told_what_to_grant(
 ) -> None:
     url = topology.url.replace("redis://", f"redis://{acl_user}:right@")
     backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(url)
-    started = time.monotonic()
     with pytest.raises(redis_errors.NoPermissionError) as raised:
         await backend.startup()
-    assert time.monotonic() - started < 0.3
+    refused = await acl_log(topology.url, "command", acl_user)
+    assert refused == 1, f"{refused} refused commands for one startup(): it was retried"
     # The server's own words come first: Redis says "this user", Valkey names the user.
     server_words = "this user" if "this user" in str(raised.value) else f"User {acl_user}"
     assert str(raised.value) == (

@@ -23,6 +23,7 @@ from tests.worker_process import WorkerProcess
 
 # The tasks of tests/apps/ops_app.py (it builds its broker on import, so only a worker imports it).
 RECORD_TASK, FLAKY_TASK, RETRY_DELAY = "ops_app.record", "ops_app.flaky", 2.0
+HOLD_TASK = "ops_app.hold"
 
 
 def message(body: str, delay: Any = None) -> BrokerMessage:
@@ -59,7 +60,9 @@ async def test_delayed_messages_arrive_by_due_time_and_not_before(
     assert [body for body, _ in arrivals[3:]] == ["early", "middle", "late"]
     for body, arrived in arrivals[3:]:
         assert arrived >= due[body], f"{body} arrived {due[body] - arrived} ms early"
-        assert arrived - due[body] < 1000, f"{body} arrived {arrived - due[body]} ms late"
+        # Not a latency figure (the mover wakes at least every 0.5 s; a loaded machine adds
+        # its own): only a mover that stopped waking, and moved on some later event, fails.
+        assert arrived - due[body] < 5000, f"{body} arrived {arrived - due[body]} ms late"
     assert await raw_redis.zcard(keys.delayed_key(queue)) == 0
 
 
@@ -223,27 +226,44 @@ async def test_smart_retry_backoff_waits_in_a_real_worker(
 async def test_delayed_tasks_survive_a_killed_worker_and_a_redis_restart(
     redis_servers: RedisServers, unique: str
 ) -> None:
-    """Delayed tasks parked while a worker is killed and Redis (AOF) restarts each run once."""
+    """Delayed tasks survive a worker killed while it held some of them (moved when due, read,
+    running) and others were still parked, and Redis (AOF) restarting: each runs once."""
     topology = Topology.of(redis_servers, "single")
     queue = f"restart{unique}"
     producer = make_broker("stream", topology, queue)
     await producer.startup()
     config = worker_config("stream", topology, queue)
-    names = [f"d{unique}n{number}" for number in range(5)]
-    with WorkerProcess("tests.apps.ops_app:broker", config=config) as worker:
+    config["broker_kwargs"]["idle_timeout"] = 2000  # what the killed worker held comes back
+    moved = [f"m{unique}n{number}" for number in range(3)]  # due before the kill
+    parked = [f"p{unique}n{number}" for number in range(3)]  # due after it
+    with WorkerProcess(
+        "tests.apps.ops_app:broker", config={**config, "hold_seconds": 600}
+    ) as worker:
         worker.wait_ready()
-        for name in names:
-            await producer.kick(task_message(producer, RECORD_TASK, name, {"delay": 3}))
+        for name in moved:
+            await producer.kick(task_message(producer, HOLD_TASK, name, {"delay": 0.3}))
+        for name in parked:
+            await producer.kick(task_message(producer, HOLD_TASK, name, {"delay": 6}))
+        for name in moved:
+            await asyncio.to_thread(worker.wait_for_line, f"started {name} at")
+        # The killed worker moved these and holds them; the others are still parked.
+        raw = producer._conn
+        assert await raw.execute("ZCARD", keys.delayed_key(queue)) == len(parked)
+        summary = await raw.execute("XPENDING", queue, "taskiq")
+        assert summary["pending"] == len(moved), summary
         worker.kill()
+        first_log = worker.output()
     await producer.shutdown()
     await redis_servers.arestart_standalone()
     with WorkerProcess("tests.apps.ops_app:broker", config=config) as worker:
         worker.wait_ready()
-        for name in names:
+        for name in moved + parked:
             await asyncio.to_thread(worker.wait_for_line, f"ran {name} at")
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # room for a wrong second run
         log = worker.output()
-    for name in names:
+    assert not any(f"ran {name} at" in first_log for name in moved + parked), first_log
+    assert not any(f"started {name} at" in first_log for name in parked), first_log
+    for name in moved + parked:
         assert log.count(f"ran {name} at") == 1, log
 
 

@@ -654,6 +654,30 @@ def shape(commands: list[list[bytes]]) -> list[tuple[str, int]]:
     return [(args[0].decode().upper(), len(args) - 1) for args in commands]
 
 
+async def read_into(source: ListRedisScheduleSource, got: list[ScheduledTask]) -> None:
+    got.extend(await source.get_schedules())
+
+
+# The most schedules one read command asks for: max(buffer_size, 2000), buffer_size 50.
+PAGE = 2000
+
+
+def page_sizes(commands: list[list[bytes]], name: str) -> list[int]:
+    """How many members each ZRANGE ... LIMIT asked for, or how many keys each MGET read."""
+    sizes = []
+    for args in commands:
+        if args[0].upper() != name.encode():
+            continue
+        upper = [arg.upper() for arg in args]
+        if name == "MGET":
+            sizes.append(len(args) - 1)
+        elif b"LIMIT" in upper:
+            sizes.append(int(args[upper.index(b"LIMIT") + 2]))
+        else:
+            sizes.append(10**9)  # no LIMIT: unbounded
+    return sizes
+
+
 async def fill_like_1_2(raw: redis.asyncio.Redis, prefix: str, count: int) -> None:
     """``count`` cron schedules in 1.2's layout, 5000 per round trip."""
     for start in range(0, count, 5000):
@@ -669,8 +693,9 @@ async def test_a_write_touches_the_same_at_100k_schedules_as_at_10(
 ) -> None:
     """Add, replace, move, delete, post_send: the same commands on the same few elements.
 
-    Also: reading 100k schedules takes no command over 20 ms of Redis time (the target is a
-    few milliseconds; the margin is for a shared machine), and returns every one of them.
+    Also: reading 100k schedules returns every one of them, in pages: no command reads more
+    than a page (``max(buffer_size, 2000)`` members or keys). A page's Redis time is measured in
+    ``make bench``, not asserted here: a loaded machine stretches any single command.
     """
     url = private_server.standalone_url
     raw = redis.asyncio.Redis.from_url(url)
@@ -695,13 +720,19 @@ async def test_a_write_touches_the_same_at_100k_schedules_as_at_10(
                 ]
                 shapes[size] = [shape(await commands_run_by(url, write)) for write in writes]
                 if size > 10:
-                    await raw.config_set("slowlog-log-slower-than", 20_000)
-                    await raw.slowlog_reset()
-                    got = await source.get_schedules()
-                    slow = [entry["command"] for entry in await raw.slowlog_get(128)]
-                    await raw.config_set("slowlog-log-slower-than", 10_000)
+                    got: list[ScheduledTask] = []
+                    reads = await commands_run_by(url, partial(read_into, source, got))
                     assert len(got) == size - 1
-                    assert not slow, slow
+                    assert {schedule.schedule_id for schedule in got} >= {"bulk0", "bulk99999"}
+                    assert page_sizes(reads, "ZRANGE")
+                    assert page_sizes(reads, "MGET")
+                    too_big = [
+                        (name, count)
+                        for name in ("ZRANGE", "MGET")
+                        for count in page_sizes(reads, name)
+                        if count > PAGE
+                    ]
+                    assert not too_big, too_big
             finally:
                 await source.shutdown()
         assert shapes[10] == shapes[100_000]

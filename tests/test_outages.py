@@ -50,6 +50,11 @@ GRACE = 5.0
 # Kicking goes on this long after the grace, so enough tasks are counted.
 AFTER_GRACE = 3.0
 KICK_INTERVAL = 0.02
+# The fewest kicks that must be made and succeed from the moment kicks must work on (one per
+# KICK_INTERVAL would be ~150 in AFTER_GRACE): fewer, and the promise "every kick from then on
+# succeeds and runs once" was checked on too little to mean anything (a kick that hangs 0.6 s
+# made ~5). Loose enough for a loaded two-core machine: one kick per 150 ms.
+MIN_KICKS_COUNTED = 20
 RECORD_TASK = "outage_app.record"  # the task of tests/apps/outage_app.py
 RESTARTED = "is dead. Scheduling reload."  # taskiq's process manager, when a worker died
 
@@ -176,6 +181,7 @@ class Outcome:
     missing_results: list[str]
     summary: str
     ran_twice: set[int]  # every task number that ran more than once, kicked when it may
+    working: list[Kick]  # the kicks made since kicks must work, that succeeded
 
 
 async def settle(load: Load, record: Path, over: float, working: float | None = None) -> Outcome:
@@ -207,12 +213,14 @@ async def settle(load: Load, record: Path, over: float, working: float | None = 
     await load.broker.shutdown()
 
     ok = [kick for kick in load.kicks if kick.error is None]
+    working_ok = [kick for kick in load.since(working) if kick.error is None]
     errors = collections.Counter(kick.error for kick in load.kicks if kick.error)
     summary = (
         f"kicked {len(load.kicks)}, failed {len(load.kicks) - len(ok)} ({dict(errors)}); "
         f"of {len(ok)} kicked: lost {sum(1 for k in ok if ran[k.number] == 0)}, "
         f"ran twice {sum(1 for k in ok if ran[k.number] > 1)}; "
-        f"after the fault: kicked {len(load.since(over))}, counted {len(counted)}"
+        f"after the fault: kicked {len(load.since(over))}, counted {len(counted)}; "
+        f"since kicks must work: kicked {len(load.since(working))}, succeeded {len(working_ok)}"
     )
     return Outcome(
         failed=[kick for kick in load.since(working) if kick.error is not None],
@@ -221,6 +229,7 @@ async def settle(load: Load, record: Path, over: float, working: float | None = 
         missing_results=missing_results,
         summary=summary,
         ran_twice={number for number, count in ran.items() if count > 1},
+        working=working_ok,
     )
 
 
@@ -229,6 +238,11 @@ def assert_nothing_lost(outcome: Outcome, worker: WorkerProcess) -> None:
     # The worker's own words, without taskiq's line per task.
     said = "\n".join(line for line in worker.output().splitlines() if "Executing task" not in line)
     picture = f"{outcome.summary}\nworker log without 'Executing task' lines:\n{said[-6000:]}"
+    made = len(outcome.working)
+    assert made >= MIN_KICKS_COUNTED, (
+        f"too few kicks made and counted once they should work: {made}, "
+        f"fewer than {MIN_KICKS_COUNTED}\n{picture}"
+    )
     assert not outcome.failed, (
         f"kicks failed once they should work: {outcome.failed[:5]}\n{picture}"
     )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import pickle
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio
 from taskiq import TaskiqResult
 from taskiq.depends.progress_tracker import TaskProgress, TaskState
@@ -27,7 +29,14 @@ from taskiq_redis.exceptions import (
     TaskIQRedisError,
 )
 from taskiq_redis.result_backend import BaseRedisResultBackend
-from tests.servers import AsyncRedisClient, RedisServers, Topology, start_servers
+from tests.servers import (
+    AsyncRedisClient,
+    RedisServers,
+    StandaloneServer,
+    Topology,
+    start_servers,
+)
+from tests.test_outages import acl_log
 
 Backend = BaseRedisResultBackend[Any]
 
@@ -318,3 +327,49 @@ async def test_set_result_gives_up_with_a_clear_error(
         assert f"127.0.0.1:{port}" in message, message
     finally:
         await backend.shutdown()
+
+
+@pytest.mark.parametrize("change", ["password", "permission"])
+async def test_set_result_does_not_wait_out_a_wrong_password_or_a_missing_permission(
+    change: str, unique: str
+) -> None:
+    """Only outages are waited out: a password rotated under a running worker, or a permission
+    taken away, fails set_result at once with the server's words, tried once, not for the
+    whole patience (waiting cannot fix either, and the worker's slot is held meanwhile)."""
+    user = f"app-{unique}"
+    with StandaloneServer([f"user {user} on >right ~* &* +@all"]) as server:
+        server.start()
+        backend: Backend = RedisAsyncResultBackend(
+            server.url.replace("redis://", f"redis://{user}:right@")
+        )
+        admin = redis.asyncio.Redis.from_url(server.url)
+        await backend.startup()
+        try:
+            await backend.set_result(f"{unique}-before", a_result(1))
+            if change == "password":
+                await admin.acl_setuser(
+                    user, enabled=True, reset_passwords=True, passwords=["+new"]
+                )
+                expected: type[Exception] = redis.AuthenticationError
+                words, reason = "invalid username-password pair", "auth"
+            else:
+                await admin.acl_setuser(user, enabled=True, commands=["-set"])
+                expected = redis.exceptions.NoPermissionError
+                words, reason = "no permissions to run the 'set' command", "command"
+            await admin.execute_command("CLIENT", "KILL", "USER", user)  # type: ignore[no-untyped-call]
+            started = time.monotonic()
+            with pytest.raises(expected) as caught:
+                await asyncio.wait_for(
+                    backend.set_result(unique, a_result(2)),
+                    result_backend.SET_RESULT_PATIENCE_SECONDS * 2,
+                )
+            took = time.monotonic() - started
+            refused = await acl_log(server.url, reason, user)
+        finally:
+            await backend.shutdown()
+            await admin.aclose()
+    assert words in str(caught.value), caught.value
+    assert refused == 1, f"refused {refused} times for one set_result: it was retried"
+    # Well under the patience it would have spent retrying (the test that an outage is ridden
+    # out shows what waiting looks like).
+    assert took < result_backend.SET_RESULT_PATIENCE_SECONDS / 3, took

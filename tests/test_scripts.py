@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio
 
 from taskiq_redis import connection, scripts
@@ -138,8 +139,21 @@ def test_cli_loads_and_checks_scripts(topology: Topology) -> None:
 def test_cli_checks_through_a_sentinel(redis_servers: RedisServers) -> None:
     host, port = redis_servers.sentinels[0]
     args = ["--sentinel", f"{host}:{port}", "--master-name", redis_servers.master_name]
-    done = run_cli("scripts", "load", *args)
+    sentinel = redis.Sentinel(redis_servers.sentinels)  # type: ignore[no-untyped-call]
+    primary = sentinel.master_for(redis_servers.master_name)  # type: ignore[no-untyped-call]
+    try:
+        primary.script_flush()  # what check says must come from the primary the sentinel names
+        before = run_cli("scripts", "check", *args)
+        done = run_cli("scripts", "load", *args)
+        after = run_cli("scripts", "check", *args)
+    finally:
+        primary.close()
+    assert before.returncode == 0, before.stderr
     assert done.returncode == 0, done.stderr
+    assert after.returncode == 0, after.stderr
+    count = len(scripts.all_scripts())
+    assert [line.rsplit("\t", 1)[1] for line in before.stdout.splitlines()] == ["missing"] * count
+    assert [line.rsplit("\t", 1)[1] for line in after.stdout.splitlines()] == ["loaded"] * count
 
 
 @pytest.mark.parametrize(

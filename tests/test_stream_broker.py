@@ -211,7 +211,10 @@ async def test_entries_stay_until_every_group_acknowledged_them(
         one, two = await receive(stream, 2, ack=False)
         await one.ack()  # type: ignore[misc]
         await eventually(lambda: has_length(raw_redis, first.queue_name, 1), "one entry deleted")
-        assert await length(raw_redis, first.queue_name) == 1  # "second" still holds two
+        # The entry left is the one "second" still holds, not any other.
+        left = await raw_redis.execute_command("XRANGE", first.queue_name, "-", "+")
+        assert [fields[b"data"] for _, fields in left] == [two.data]
+        assert await pending(raw_redis, first.queue_name, "second") == 1
         await two.ack()  # type: ignore[misc]
         await stream.aclose()
         await eventually(lambda: has_length(raw_redis, first.queue_name, 0), "both deleted")
@@ -418,11 +421,11 @@ async def test_an_ack_does_not_wait_for_a_paused_server_and_is_made_after(
     stream = broker.listen()
     await kick(broker, 1)
     [held] = await receive(stream, 1, ack=False)
-    await pause_server_of(raw_redis, broker.queue_name, 1500)
-    started = time.monotonic()
+    await pause_server_of(raw_redis, broker.queue_name, 3000)
     await asyncio.wait_for(held.ack(), PATIENCE)  # type: ignore[arg-type]
-    assert time.monotonic() - started < 0.5, "ack() waited for the paused server"
-    assert await pending(raw_redis, broker.queue_name) == 1  # answered once the pause ends
+    # Reads are not paused: the entry is still pending, so ack() returned before the server
+    # could make the ack, i.e. without waiting for it (the pause is far longer than a stall).
+    assert await pending(raw_redis, broker.queue_name) == 1, "ack() waited for the paused server"
     await eventually(lambda: settled(raw_redis, broker.queue_name), "the ack made")
     await kick(broker, 2)
     [after] = await receive(stream, 1)
@@ -433,21 +436,33 @@ async def test_an_ack_does_not_wait_for_a_paused_server_and_is_made_after(
 async def test_a_clean_stop_sends_the_queued_acks_first(
     make_broker: Callable[..., BaseStreamBroker], raw_redis: AsyncRedisClient
 ) -> None:
-    broker = make_broker()
+    """A stop makes the acks still queued before it releases what it holds: an acknowledged
+    task released first could be reclaimed by another consumer and run a second time."""
+    broker = make_broker(idle_timeout=600_000)  # only a release lets another consumer take them
+    queue = broker.queue_name
     await broker.startup()
     try:
         await kick(broker, 1)
         await kick(broker, 2)
         stream = broker.listen()
-        messages = await receive(stream, 2, ack=False)
+        first, second = await receive(stream, 2, ack=False)
         await stream.aclose()
-        await pause_server_of(raw_redis, broker.queue_name, 500)  # the acks cannot go yet
-        for message in messages:
-            await message.ack()  # type: ignore[misc]
+        await pause_server_of(raw_redis, queue, 1500)  # writes and scripts wait, in order
+        await first.ack()  # type: ignore[misc]
+        await asyncio.sleep(0.1)  # its ack call is out, waiting in the paused server
+        await second.ack()  # type: ignore[misc]  # queued behind it: one ack call at a time
+        stopping = asyncio.ensure_future(broker.shutdown())
+        await asyncio.sleep(0.2)  # whatever the stop sends at once is out by now
+        # Another consumer's reclaim, exactly as it asks: it runs after what is already out.
+        reclaim = asyncio.ensure_future(
+            raw_redis.xautoclaim(queue, "taskiq", "another-consumer", 600_000, "0-0")
+        )
+        await asyncio.wait_for(stopping, PATIENCE)
+        _, taken, *_ = await asyncio.wait_for(reclaim, PATIENCE)
     finally:
         await broker.shutdown()
-    # Sent before the stop released anything: acknowledged, not handed to another consumer.
-    assert await settled(raw_redis, broker.queue_name)
+    assert taken == [], f"another consumer took acknowledged entries: {taken}"
+    assert await settled(raw_redis, queue)
 
 
 async def pause_server_of(raw: AsyncRedisClient, key: str, ms: int) -> None:

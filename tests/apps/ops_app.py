@@ -7,6 +7,7 @@ re-kicks a failed task with a ``delay`` label, which the broker must honour.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from taskiq import AsyncBroker, Context, SmartRetryMiddleware, TaskiqDepends
@@ -16,6 +17,7 @@ from tests.worker_process import worker_config
 
 RECORD_TASK = "ops_app.record"
 FLAKY_TASK = "ops_app.flaky"
+HOLD_TASK = "ops_app.hold"
 RETRY_DELAY = 2.0
 
 _config = worker_config()
@@ -38,3 +40,11 @@ async def flaky(name: str, context: Context = TaskiqDepends()) -> None:  # noqa:
     print(f"attempt {retries} of {name} at {time.time():.3f}", flush=True)
     if retries == 0:
         raise RuntimeError("first attempt fails on purpose")
+
+
+@broker.task(task_name=HOLD_TASK)
+async def hold(name: str) -> None:
+    """Say that it started, take ``hold_seconds`` of the config (0 if unset), say that it ran."""
+    print(f"started {name} at {time.time():.3f}", flush=True)
+    await asyncio.sleep(float(_config.get("hold_seconds", 0)))
+    print(f"ran {name} at {time.time():.3f}", flush=True)
