@@ -694,7 +694,10 @@ def report_lines(
             str(n): {
                 "task_id": stats.expected.get(n),
                 "runs_counted": outcome.runs.get(n, 0),
-                "executions": scan.executions.get(stats.expected.get(n, ""), []),
+                "executions": sorted(
+                    scan.executions.get(stats.expected.get(n, ""), []),
+                    key=lambda where: where.split()[-1],
+                ),
             }
             for n in sorted({*lost, *more_than_once, *outcome.results_missing})
         },
@@ -775,7 +778,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to produce")
     parser.add_argument("--seed", type=int, default=None, help="fault schedule seed")
     parser.add_argument("--tasks-per-second", type=float, default=50.0)
-    parser.add_argument("--url", default=None, help="use this Redis (no Redis restart fault)")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="use this Redis: no Redis restart fault, but CLIENT KILL and CLIENT PAUSE hit all "
+        "of its clients",
+    )
     args = parser.parse_args()
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 10**6)
