@@ -139,8 +139,8 @@ def test_cli_loads_and_checks_scripts(topology: Topology) -> None:
 def test_cli_checks_through_a_sentinel(redis_servers: RedisServers) -> None:
     host, port = redis_servers.sentinels[0]
     args = ["--sentinel", f"{host}:{port}", "--master-name", redis_servers.master_name]
-    sentinel = redis.Sentinel(redis_servers.sentinels)  # type: ignore[no-untyped-call]
-    primary = sentinel.master_for(redis_servers.master_name)  # type: ignore[no-untyped-call]
+    sentinel = redis.Sentinel(redis_servers.sentinels)  # type: ignore[no-untyped-call,unused-ignore]
+    primary = sentinel.master_for(redis_servers.master_name)  # type: ignore[no-untyped-call,unused-ignore]
     try:
         primary.script_flush()  # what check says must come from the primary the sentinel names
         before = run_cli("scripts", "check", *args)
