@@ -4,6 +4,11 @@ Applications written for 1.2 import from here. The classes live in
 :mod:`taskiq_redis.result_backend`.
 """
 
+from taskiq_redis.exceptions import (
+    DuplicateExpireTimeSelectedError,
+    ExpireTimeMustBeMoreThanZeroError,
+    ResultIsMissingError,
+)
 from taskiq_redis.keys import PROGRESS_SUFFIX as PROGRESS_KEY_SUFFIX
 from taskiq_redis.result_backend import (
     RedisAsyncClusterResultBackend,
@@ -13,7 +18,10 @@ from taskiq_redis.result_backend import (
 
 __all__ = [
     "PROGRESS_KEY_SUFFIX",
+    "DuplicateExpireTimeSelectedError",
+    "ExpireTimeMustBeMoreThanZeroError",
     "RedisAsyncClusterResultBackend",
     "RedisAsyncResultBackend",
     "RedisAsyncSentinelResultBackend",
+    "ResultIsMissingError",
 ]

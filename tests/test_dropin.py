@@ -49,6 +49,9 @@ NAMES_OF_1_2 = {
     "taskiq_redis.list_schedule_source": ["logger", "ListRedisScheduleSource"],
     "taskiq_redis.redis_backend": [
         "PROGRESS_KEY_SUFFIX",
+        "DuplicateExpireTimeSelectedError",
+        "ExpireTimeMustBeMoreThanZeroError",
+        "ResultIsMissingError",
         "RedisAsyncResultBackend",
         "RedisAsyncClusterResultBackend",
         "RedisAsyncSentinelResultBackend",
