@@ -28,3 +28,16 @@ class ScriptError(TaskIQRedisError):
 
     __template__ = "{description}"
     description: str
+
+
+class TaskDeadLetteredError(TaskIQRedisError):
+    """The task's message went to the dead-letter stream: it will not run unless requeued.
+
+    Stored as the task's result, so whoever waits for it (``wait_result()``) learns at once
+    instead of waiting for ever.
+    """
+
+    __template__ = "Task {task_id} was dead-lettered after {deliveries} deliveries: {reason}"
+    task_id: str
+    deliveries: int
+    reason: str

@@ -171,11 +171,13 @@ class DeadLetters:
         streams: Streams,
         claims: Claims,
         max_deliveries: int | None,
+        on_dead: Callable[[Entry, str], Awaitable[None]],
     ) -> None:
         self._conn = conn
         self._streams = streams
         self._claims = claims
         self._max_deliveries = max_deliveries
+        self._on_dead = on_dead  # told of each entry dead-lettered (the broker stores a result)
         self._script = scripts.get(ACK)
 
     def problem(self, entry: Entry) -> str | None:
@@ -220,5 +222,7 @@ class DeadLetters:
                 entry.stream,
                 describe(exc),
             )
+            return
         finally:
             self._claims.forget(entry.stream, entry.entry_id, delivery)
+        await self._on_dead(entry, reason)

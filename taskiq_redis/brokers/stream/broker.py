@@ -27,15 +27,18 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
-from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage
+from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage, TaskiqResult
+from taskiq.result_backends.dummy import DummyResultBackend
 
 from taskiq_redis import connection, delays, priorities, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
 from taskiq_redis.brokers.stream.acks import NO_DATA, Acks, DeadLetters
 from taskiq_redis.brokers.stream.claims import Claims
-from taskiq_redis.brokers.stream.entries import Background
+from taskiq_redis.brokers.stream.entries import Background, Entry
 from taskiq_redis.brokers.stream.reading import Reader
 from taskiq_redis.brokers.stream.streams import Streams
+from taskiq_redis.diagnostics import describe
+from taskiq_redis.exceptions import TaskDeadLetteredError
 
 logger = logging.getLogger("taskiq.redis_broker")
 
@@ -139,7 +142,9 @@ class BaseStreamBroker(BaseRedisBroker):
             socket_timeout,
         )
         self._acks = Acks(conn, self._streams, self._claims, self._background, self._handed_count)
-        self._dead_letters = DeadLetters(conn, self._streams, self._claims, self.max_deliveries)
+        self._dead_letters = DeadLetters(
+            conn, self._streams, self._claims, self.max_deliveries, self._tell_waiters
+        )
         trim = None if self.maxlen is None else (self.maxlen, approximate)
         by_level = {queue: levels.by_level for queue, levels in self._streams.levels.items()}
         self._mover = delays.Mover(conn, by_level, "stream", trim)
@@ -151,6 +156,29 @@ class BaseStreamBroker(BaseRedisBroker):
 
     def _handed_count(self) -> int:
         return self._reader.handed_count
+
+    async def _tell_waiters(self, entry: Entry, reason: str) -> None:
+        """Store an error result for a dead-lettered task, so ``wait_result()`` returns at once.
+
+        Only with a result backend, and only for a taskiq message (anything else has no task id).
+        """
+        backend = self.result_backend
+        if isinstance(backend, DummyResultBackend) or entry.data is None:
+            return
+        try:
+            task_id = self.formatter.loads(entry.data).task_id
+        except Exception:  # not a taskiq message: nobody can be waiting for it
+            return
+        error = TaskDeadLetteredError(task_id=task_id, deliveries=entry.deliveries, reason=reason)
+        result: TaskiqResult[Any] = TaskiqResult(
+            is_err=True, return_value=None, execution_time=0.0, error=error
+        )
+        try:
+            await backend.set_result(task_id, result)
+        except Exception as exc:  # the dead letter itself is safe; only the news is lost
+            logger.warning(
+                "Storing the dead-letter result of task %s failed: %s", task_id, describe(exc)
+            )
 
     async def startup(self) -> None:
         """Load the scripts, create the consumer group on each queue, find its level streams."""

@@ -38,7 +38,7 @@ from taskiq_redis.diagnostics import describe
 
 logger = logging.getLogger("taskiq.redis_broker")
 
-RECLAIM, RENEW = "stream_reclaim", "stream_renew"
+RECLAIM, RENEW, CONSUMERS = "stream_reclaim", "stream_renew", "stream_consumers"
 # The idle time that releases an entry: over 31 years, yet below the server clock in ms
 # (Redis ignores an IDLE that would date the delivery before 1970).
 RELEASE_IDLE_MS = 10**12
@@ -46,6 +46,13 @@ RELEASE_IDLE_MS = 10**12
 RENEW_BATCH = 1000
 # XAUTOCLAIM calls per reclaim script call: each scans up to ten times what is still wanted.
 RECLAIM_SCANS = 10
+# Consumers that hold nothing and have been idle this many idle timeouts (and at least
+# PRUNE_IDLE_FLOOR seconds: a live worker's blocking read leaves it idle up to a second) are
+# removed, by a reclaim pass at most every PRUNE_EVERY seconds; at most PRUNE_BATCH looked at.
+PRUNE_IDLE_FACTOR = 3
+PRUNE_IDLE_FLOOR = 10.0
+PRUNE_EVERY = 30.0
+PRUNE_BATCH = 1000
 
 
 class Claims:
@@ -75,9 +82,12 @@ class Claims:
         self._renewer: asyncio.Task[None] | None = None
         self._collected_at = 0.0
         self._closing = False
+        self._next_prune = 0.0
+        self._prune_idle_ms = int(max(PRUNE_IDLE_FACTOR * idle_timeout, PRUNE_IDLE_FLOOR * 1000))
         self._reclaim = scripts.get(RECLAIM)
         self._renew = scripts.get(RENEW)
-        self.scripts = (self._reclaim, self._renew)
+        self._consumers = scripts.get(CONSUMERS)
+        self.scripts = (self._reclaim, self._renew, self._consumers)
 
     def hold(self, entries: list[Entry]) -> list[Entry]:
         """Hold what a read or a reclaim returned, from now until it is acknowledged."""
@@ -122,7 +132,39 @@ class Claims:
             if len(claimed) >= self._reclaim_batch:
                 self._next_reclaim = 0.0  # a full batch: more may be waiting
             entries += claimed
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY
+            await self._background.run(self._remove_consumers("", self._prune_idle_ms))
         return entries
+
+    async def _remove_consumers(self, me: str, idle_ms: int | str) -> None:
+        """Remove the group's consumers that hold nothing: ``me``, and those idle ``idle_ms``.
+
+        A failure is logged: consumers left behind cost only a line in ``XINFO CONSUMERS``.
+        """
+        for stream in self._streams.every_known():
+            try:
+                removed = await scripts.run(
+                    self._conn,
+                    self._consumers,
+                    [stream],
+                    [self._streams.group_name, me, idle_ms, PRUNE_BATCH],
+                )
+            except Exception as exc:
+                logger.warning(
+                    "Removing idle consumers of stream %r failed: %s", stream, describe(exc)
+                )
+                continue
+            others = [name for name in map(text, removed) if name != me]
+            if others:
+                logger.info(
+                    "Removed %d consumers of stream %r that held nothing and were idle over "
+                    "%d s: %s",
+                    len(others),
+                    stream,
+                    int(idle_ms) // 1000,
+                    ", ".join(others),
+                )
 
     async def _reclaim_stream(self, stream: str) -> list[Entry]:
         cursor, claimed = await scripts.run(
@@ -280,3 +322,7 @@ class Claims:
             else:
                 logger.info("Released %d held entries of stream %r", len(items), stream)
         self._held.clear()
+        # Leaving: this consumer goes from every stream where it holds nothing (where it still
+        # holds released entries, another worker's prune removes it once they are reclaimed).
+        if self._renewer is not None:  # it listened, so it is a consumer
+            await self._remove_consumers(self._consumer, "")
