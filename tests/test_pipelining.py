@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import TaskiqResult
 
 from taskiq_redis import (
@@ -276,3 +278,40 @@ async def test_two_hundred_overlapping_kicks_and_results_succeed_with_default_po
         assert [value.return_value for value in got] == list(range(200))
     finally:
         await broker.shutdown()
+
+
+@pytest.mark.parametrize("topology", ["single", "sentinel"], indirect=True)
+async def test_a_stuck_server_fails_a_batch_at_the_socket_timeout_and_connections_keep_theirs(
+    topology: Topology, raw_redis: AsyncRedisClient, unique: str
+) -> None:
+    """A batch has one deadline of ``socket_timeout`` instead of one per reply: a server that
+    stops answering fails every command of it with redis-py's TimeoutError, about then, and the
+    pool's connections keep their own ``socket_timeout`` for redis-py's calls afterwards."""
+    kwargs = topology.kwargs()
+    conn = (
+        connection.single_node(kwargs["url"], socket_timeout=0.5)
+        if topology.name == "single"
+        else connection.sentinel(kwargs["sentinels"], kwargs["master_name"], socket_timeout=0.5)
+    )
+    try:
+        await conn.execute("PING")
+        sleeping = asyncio.ensure_future(raw_redis.execute_command("DEBUG", "SLEEP", "3"))
+        await asyncio.sleep(0.2)  # the server sleeps: nothing is answered for 3 s
+        started = asyncio.get_running_loop().time()
+        outcomes = await asyncio.gather(
+            *(conn.execute("INCR", f"{unique}:{n}") for n in range(20)), return_exceptions=True
+        )
+        took = asyncio.get_running_loop().time() - started
+        await sleeping
+        assert all(isinstance(outcome, RedisTimeoutError) for outcome in outcomes), outcomes
+        assert took < 2.5, f"the batch waited {took:.1f} s, past the server's sleep"
+        assert isinstance(conn.client, Redis)
+        pool = conn.client.connection_pool
+        held = [await pool.get_connection() for _ in range(3)]  # type: ignore[no-untyped-call,unused-ignore]
+        try:
+            assert {c.socket_timeout for c in held} == {0.5}
+        finally:
+            for c in held:
+                await pool.release(c)
+    finally:
+        await conn.close()
