@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(shell echo '$(PINS) $(WITHOUT_HIREDIS) \
 	$(if $(PIP_UPGRADE),$(shell date +%F))' | cksum | cut -d' ' -f1)
 REDIS_PORT ?= 6379
 
-.PHONY: install run test lint bench redis-up redis-down clean test-matrix test-low test-high \
+.PHONY: install run test lint chaos bench redis-up redis-down clean test-matrix test-low test-high \
 	test-latest test-valkey
 
 $(STAMP): pyproject.toml
@@ -79,6 +79,10 @@ test-valkey:
 	TASKIQ_REDIS_TEST_SERVER=valkey-server TASKIQ_REDIS_TEST_SENTINEL=valkey-sentinel \
 		$(MAKE) test VENV=.venv-matrix/valkey PYTHON=$(call find-python,$(HIGH_PYTHON)) \
 		PINS='$(HIGH_PINS)' WITHOUT_HIREDIS=1
+
+# Two real workers under random faults for 60 s (tools/chaos.py --help for the options).
+chaos: install
+	$(BIN)/python tools/chaos.py --seconds 60
 
 bench: install
 	$(BIN)/python bench/run.py

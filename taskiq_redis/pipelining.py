@@ -73,7 +73,7 @@ BLOCKING_COMMANDS = frozenset(
 # it start another lane. Under load each extra lane costs throughput (more, smaller round
 # trips on a CPU-bound client: stream receive+ack at concurrency 50 ran at 1.19x redis-py with
 # one lane, 0.67x with up to four started freely), so a second lane starts only for a slow
-# round trip (a 64 MB reply, a paused server). See the README's "design: lanes".
+# round trip (a 64 MB reply, a paused server). See docs/design.md, "Design: lanes".
 LANE_CAP = 4
 PATIENCE = 0.02
 

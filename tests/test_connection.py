@@ -1,4 +1,4 @@
-"""The connection layer's contract, on real servers (see the README's "design: lanes").
+"""The connection layer's contract, on real servers (see docs/design.md, "Design: lanes").
 
 A command waits only for what shares its connection; a caller cancelled before its command was
 sent never has it sent; the pool size the user gave is the most connections used, and 1 or 2
@@ -285,8 +285,9 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
                 assert all(isinstance(reply, int) for reply in replies)
             # Every round ended while the node was still paused (the stuck commands are not
             # done yet), and none came near the pause: they did not wait for it. (Typically a
-            # round takes milliseconds; the README's "under 100 ms" is measured, not asserted,
-            # as a loaded two-core machine can take the CPU from one round for a while.)
+            # round takes milliseconds; the "under 100 ms" of docs/design.md is measured, not
+            # asserted, as a loaded two-core machine can take the CPU from one round for a
+            # while.)
             shown = ", ".join(f"{wait * 1000:.0f}" for wait in waits)
             assert max(waits) < pause / 2, (
                 f"commands for other nodes waited for the pause: {shown} ms"

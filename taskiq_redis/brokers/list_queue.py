@@ -38,7 +38,7 @@ logger = logging.getLogger("taskiq.redis_broker")
 LIST_POP = "list_pop"
 # Messages one pop takes. A worker killed outright loses what it popped and had not handed to
 # taskiq, at most this many; a worker draining no-op tasks ran at a median 71% of taskiq's
-# ceiling with 10, 81-93% with 30 (README, "Worker drain").
+# ceiling with 10, 81-93% with 30 (docs/performance.md, "Worker drain").
 DEFAULT_BATCH_SIZE = 30
 MAX_BATCH_SIZE = 1000
 # How long one BRPOP blocks. Below redis-py's default 5 s socket timeout, so an idle queue
