@@ -7,7 +7,7 @@ Behind ``taskiq-redis queues`` and ``taskiq-redis dead-letters``, and usable on 
     redis = connection.single_node("redis://localhost:6379")
     view = await queues.inspect(redis, "taskiq")  # length, levels, delayed, dead, groups
     moved, skipped = await queues.requeue_dead_letters(redis, "taskiq")
-    above = await queues.levels_above(redis, "taskiq", max_priority=3)  # {level: length}
+    above = await queues.levels_above(redis, "taskiq", max_priority=3)  # e.g. [7]
 
 Everything here only reads, except the dead-letter scripts, which move or delete entries in
 bounded batches, each one atomic. Functions take a :class:`~taskiq_redis.connection
@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from taskiq_redis import keys, priorities, scripts
 from taskiq_redis.brokers.base import BaseRedisBroker
@@ -168,25 +168,32 @@ async def _level_kinds(
 
 
 async def levels_above(
-    target: RedisConnection | BaseRedisBroker, queue: str, max_priority: int
-) -> dict[int, int]:
-    """The priority levels of ``queue`` above ``max_priority`` that hold messages: {level: length}.
+    target: RedisConnection | BaseRedisBroker,
+    queue: str,
+    max_priority: int,
+    kind: Literal["list", "stream"] = "list",
+) -> list[int]:
+    """The priority levels of ``queue`` above ``max_priority`` that hold messages, lowest first.
 
-    A worker reads levels 0 to its ``max_priority`` only, so messages a producer with a higher
-    ``max_priority`` sent above it wait there for ever. Levels up to
+    A worker reads levels 0 to its ``max_priority`` only, so what a producer with a higher
+    ``max_priority`` sent above it waits there for ever. Levels up to
     :data:`~taskiq_redis.priorities.MAX_PRIORITY_LIMIT` are looked at (no producer writes
-    higher); a key of another type than stream or list is not counted. Usually one EXISTS.
+    higher), with a command a worker of that ``kind`` of queue may send: ``LRANGE key 0 0`` for
+    a list queue (in the list broker's ACL), ``XLEN`` for a stream queue (needs ``+xlen``), one
+    per level, sent together (one round trip; every level is in the queue's slot). A key of the
+    other type answers WRONGTYPE, which is raised.
     """
     conn = _conn(target)
-    found = await _level_kinds(conn, queue, range(max_priority + 1, ALL_LEVELS + 1))
-    queued = {level: key for level, (key, kind) in found.items() if kind in ("stream", "list")}
-    lengths = await asyncio.gather(
-        *(
-            conn.execute("XLEN" if found[level][1] == "stream" else "LLEN", key)
-            for level, key in queued.items()
-        )
+    levels = range(max_priority + 1, ALL_LEVELS + 1)
+    if kind == "list":
+        command: tuple[Any, ...] = ("LRANGE",)
+        extra: tuple[Any, ...] = (0, 0)
+    else:
+        command, extra = ("XLEN",), ()
+    answers = await asyncio.gather(
+        *(conn.execute(*command, keys.priority_key(queue, level), *extra) for level in levels)
     )
-    return {level: int(n) for level, n in zip(queued, lengths, strict=True) if int(n)}
+    return [level for level, answer in zip(levels, answers, strict=True) if answer]
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import redis.asyncio.cluster
 
 import taskiq_redis
+from taskiq_redis import connection, keys, queues
 from taskiq_redis.brokers import base, list_queue
 from taskiq_redis.brokers.pubsub import BasePubSubBroker
 from tests.servers import Topology
@@ -165,7 +166,7 @@ async def test_a_list_worker_warns_once_of_levels_above_its_max_priority(
             await eventually(lambda: warned(8), "a warning about level 8")
             await asyncio.sleep(0.6)  # three more looks: no warning is repeated
         [about_7] = warnings(7)
-        assert f"Queue {queue!r} holds 1 messages at priority level 7" in about_7
+        assert f"Queue {queue!r} holds messages at priority level 7" in about_7
         assert "above this worker's max_priority 3" in about_7
         assert len(warnings(8)) == 1
     finally:
@@ -191,3 +192,27 @@ async def test_a_list_worker_reading_every_level_says_nothing(
     finally:
         await listener.aclose()
         await broker.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["list", "stream"])
+async def test_levels_above_finds_the_levels_that_hold_messages(
+    topology: Topology, raw_redis: Any, unique: str, kind: Literal["list", "stream"]
+) -> None:
+    """The check a worker of either queue kind can run (the stream broker's too)."""
+    queue = f"above{unique}"
+    factory = topology.pick(single="single_node", cluster="cluster", sentinel="sentinel")
+    conn = getattr(connection, factory)(**topology.kwargs())
+    try:
+        assert await queues.levels_above(conn, queue, 3, kind) == []
+        for level in (2, 15, 40):
+            if kind == "list":
+                await raw_redis.lpush(keys.priority_key(queue, level), "m")
+            else:
+                await raw_redis.xadd(keys.priority_key(queue, level), {"data": "m"})
+        if kind == "stream":  # an empty level stream, as a producer's startup creates it
+            await raw_redis.xgroup_create(keys.priority_key(queue, 20), "g", mkstream=True)
+        assert await queues.levels_above(conn, queue, 3, kind) == [15, 40]
+        assert await queues.levels_above(conn, queue, 15, kind) == [40]
+        assert await queues.levels_above(conn, queue, 99, kind) == []
+    finally:
+        await conn.close()

@@ -167,7 +167,7 @@ class BaseListQueueBroker(BaseRedisBroker):
     async def _watch_levels(self) -> None:
         """Warn, once per level, of messages at levels above ``max_priority``: no worker with
         this ``max_priority`` reads them. Looked at when listening starts and every
-        LEVEL_CHECK_SECONDS, beside the reads (usually one EXISTS)."""
+        LEVEL_CHECK_SECONDS, beside the reads: one LRANGE per level above, in one round trip."""
         if self.max_priority >= queues.ALL_LEVELS:
             return
         while True:
@@ -175,16 +175,15 @@ class BaseListQueueBroker(BaseRedisBroker):
                 above = await queues.levels_above(self._conn, self.queue_name, self.max_priority)
             except Exception as exc:  # a look that failed is no reason to stop a worker
                 logger.debug("Looking above max_priority on %r failed: %s", self.queue_name, exc)
-                above = {}
-            for level, length in sorted(above.items()):
+                above = []
+            for level in above:
                 if level not in self._levels_warned:
                     self._levels_warned.add(level)
                     logger.warning(
-                        "Queue %r holds %d messages at priority level %d, above this worker's "
+                        "Queue %r holds messages at priority level %d, above this worker's "
                         "max_priority %d, so it never runs them: a producer has a higher "
                         "max_priority. Give the workers the producers' max_priority.",
                         self.queue_name,
-                        length,
                         level,
                         self.max_priority,
                     )
