@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -36,6 +37,16 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: int, *parts: st
     for part in parts:
         assert part in line, line
     return line
+
+
+@pytest.fixture
+async def odd_keys(raw_redis: Any) -> AsyncIterator[list[str]]:
+    """Keys a test adds that make the database's queues unreadable: deleted after the test, so
+    a scan of the shared servers by a later test (tests/test_queues_cli.py) finds none."""
+    made: list[str] = []
+    yield made
+    for key in made:  # one by one: on a cluster they live in different slots
+        await raw_redis.delete(key)
 
 
 def text(value: Any) -> str:
@@ -118,10 +129,11 @@ def test_a_malformed_url_is_a_one_line_usage_error(args: list[str]) -> None:
 
 
 async def test_a_stray_key_is_reported_beside_the_queues_it_does_not_hide(
-    topology: Topology, raw_redis: Any, unique: str
+    topology: Topology, raw_redis: Any, unique: str, odd_keys: list[str]
 ) -> None:
     odd, fine, listed = f"odd{unique}", f"fine{unique}", f"listed{unique}"
     stray = keys.priority_key(odd, 3)
+    odd_keys.append(stray)
     await raw_redis.xadd(odd, {"data": "x"})
     await raw_redis.lpush(stray, "stray")  # a list beside a stream queue
     await raw_redis.xadd(fine, {"data": "y"})
@@ -149,9 +161,10 @@ async def test_a_stray_key_is_reported_beside_the_queues_it_does_not_hide(
 
 @pytest.mark.parametrize("command", ["list", "requeue", "purge"])
 async def test_dead_letter_commands_refuse_what_is_no_queue(
-    topology: Topology, raw_redis: Any, unique: str, command: str
+    topology: Topology, raw_redis: Any, unique: str, command: str, odd_keys: list[str]
 ) -> None:
     typo, text_key, broken = f"typo{unique}", f"str{unique}", f"broken{unique}"
+    odd_keys.append(keys.dead_letter_key(broken))
     await raw_redis.set(text_key, "value")
     await raw_redis.xadd(broken, {"data": "x"})
     await raw_redis.set(keys.dead_letter_key(broken), "not a stream")
@@ -166,9 +179,10 @@ async def test_dead_letter_commands_refuse_what_is_no_queue(
 
 
 async def test_queues_name_a_delayed_key_of_the_wrong_type(
-    topology: Topology, raw_redis: Any, unique: str
+    topology: Topology, raw_redis: Any, unique: str, odd_keys: list[str]
 ) -> None:
     queue = f"wd{unique}"
+    odd_keys.append(keys.delayed_key(queue))
     await raw_redis.lpush(queue, "x")
     await raw_redis.set(keys.delayed_key(queue), "not a sorted set")
     done = run_cli("queues", queue, *server_args(topology))
