@@ -4,11 +4,12 @@
 
 - ``queues [QUEUE ...]``: each queue's length, delayed and dead-letter counts, and per consumer
   group its pending entries, lag and consumers with their idle time (``--json`` for scripts).
-- ``dead-letters list|requeue|purge QUEUE``: see, move back or delete a queue's dead letters.
+- ``dead-letters list|requeue|purge QUEUE [ID ...]``: see, move back or delete a queue's dead
+  letters, all of them, the oldest N, or those named by entry id.
 - ``scripts list|show|load|check|manifest``: the Lua scripts.
 
 Failures print one line to stderr and exit 1 (the server or the data) or 2 (bad usage), never
-a traceback.
+a traceback; ``docs/operations.md`` says what each command prints and exits with.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
-from taskiq_redis import connection, queues, scripts
+from taskiq_redis import connection, priorities, queues, scripts
 from taskiq_redis.exceptions import TaskIQRedisError
 
 
@@ -36,6 +40,46 @@ def _whole(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _level(text: str) -> int:
+    if not text.isdigit() or int(text) > priorities.MAX_PRIORITY_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected a priority level from 0 to {priorities.MAX_PRIORITY_LIMIT}, got {text!r}"
+        )
+    return int(text)
+
+
+def _entry_id(text: str) -> str:
+    try:
+        return queues.check_entry_id(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def url_problem(url: str) -> str | None:
+    """Why redis-py would refuse ``url``, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        return f"expected a redis://, rediss:// or unix:// URL, got {url!r}"
+    try:
+        parts.port  # noqa: B018 (reading it checks it)
+    except ValueError:
+        return f"the port of {url!r} is not a number from 0 to 65535"
+    return None
+
+
+@dataclass
+class Outcome:
+    """What a command prints: ``lines`` on stdout, then each of ``errors`` and ``warnings`` as
+    one line on stderr; an error makes the exit status 1."""
+
+    lines: list[str]
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed like errors; exit status 0
 
 
 def _server_options() -> argparse.ArgumentParser:
@@ -76,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"keys a scan examines per primary and type (default {queues.DEFAULT_SCAN_LIMIT})",
     )
+    view.add_argument(
+        "--max-priority",
+        type=_level,
+        default=queues.ALL_LEVELS,
+        metavar="N",
+        help="the highest priority level looked at (default: every level, "
+        f"{queues.ALL_LEVELS}); the levels whose key exists are counted",
+    )
     letters = groups.add_parser("dead-letters", help="a queue's dead letters").add_subparsers(
         dest="command", required=True
     )
@@ -86,14 +138,27 @@ def _parser() -> argparse.ArgumentParser:
     requeue = letters.add_parser(
         "requeue",
         parents=[server],
-        help="move dead letters back to their queue, oldest first (atomic per batch)",
+        help="move dead letters back to their queue and level: all, the oldest N, or by id",
     )
     requeue.add_argument("queue")
-    requeue.add_argument("--limit", type=_whole, help="move at most this many (default all)")
+    requeue.add_argument("ids", nargs="*", metavar="ID", type=_entry_id, help="entry ids")
+    requeue.add_argument("--limit", type=_whole, help="the oldest N only (default all)")
+    requeue.add_argument(
+        "--max-priority",
+        type=_level,
+        default=queues.ALL_LEVELS,
+        metavar="N",
+        help="the highest level to requeue onto: a dead letter from a level above it goes to "
+        "level N (default: every letter to its own level)",
+    )
     purge = letters.add_parser(
-        "purge", parents=[server], help="delete the dead letters there are now"
+        "purge",
+        parents=[server],
+        help="delete dead letters: those there are now, the oldest N, or by id",
     )
     purge.add_argument("queue")
+    purge.add_argument("ids", nargs="*", metavar="ID", type=_entry_id, help="entry ids")
+    purge.add_argument("--limit", type=_whole, help="the oldest N only (default all)")
 
     script_commands = groups.add_parser("scripts", help="the Lua scripts").add_subparsers(
         dest="command", required=True
@@ -121,7 +186,7 @@ async def _connect(args: argparse.Namespace) -> connection.RedisConnection:
     return connection.single_node(args.url)
 
 
-async def _on_server(args: argparse.Namespace) -> list[str]:
+async def _on_server(args: argparse.Namespace) -> Outcome:
     redis = await _connect(args)
     try:
         if args.group == "queues":
@@ -137,20 +202,50 @@ def _seconds(milliseconds: int) -> str:
     return f"{milliseconds / 1000:.1f}s"
 
 
-async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -> list[str]:
+def _age(milliseconds: int | None) -> str:
+    """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units of an age."""
+    if milliseconds is None:
+        return "-"
+    seconds = milliseconds // 1000
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
     names, complete = list(args.queue), None
+    warnings = []
     if not names:
         names, complete = await queues.discover(redis, args.scan_limit)
         if not complete:
-            print(
-                "taskiq-redis: the scan stopped at --scan-limit on some primary; "
-                "the list may miss queues (name them, or raise --scan-limit)",
-                file=sys.stderr,
+            warnings.append(
+                "the scan stopped at --scan-limit on some primary; "
+                "the list may miss queues (name them, or raise --scan-limit)"
             )
-    views = [await queues.inspect(redis, name, strict=complete is None) for name in names]
+    views, problems = [], []
+    for name in names:  # a queue that cannot be read is reported; it hides no other
+        try:
+            view = await queues.inspect(
+                redis, name, strict=complete is None, max_priority=args.max_priority
+            )
+        except (queues.QueueError, RedisError) as error:
+            problems.append(f"{name}: {error}" if name not in str(error) else str(error))
+        else:
+            views.append(view)
     if args.json:
-        document = {"queues": [view.as_dict() for view in views], "scan_complete": complete}
-        return [json.dumps(document, indent=2)]
+        document = {
+            "queues": [view.as_dict() for view in views],
+            "scan_complete": complete,
+            "problems": problems,
+        }
+        return Outcome([json.dumps(document, indent=2)], problems, warnings)
     lines = []
     for view in views:
         by_level = ""
@@ -176,39 +271,79 @@ async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -
                 f"    consumer {c.name}  pending {c.pending}  idle {_seconds(c.idle_ms)}"
                 for c in group.consumers
             ]
-    return lines or ["no queues found"]
+    if not lines and not problems:
+        lines = ["no queues found"]
+    return Outcome(lines, problems, warnings)
 
 
-async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namespace) -> list[str]:
+def _missing(queue: str, ids: list[str]) -> list[str]:
+    if not ids:
+        return []
+    return [f"not dead letters of {queue!r}, left alone: {', '.join(ids)}"]
+
+
+def _or(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
     if args.command == "requeue":
-        moved, skipped = await queues.requeue_dead_letters(redis, args.queue, args.limit)
+        missing: list[str] = []
+        if args.ids:
+            moved, skipped, missing = await queues.requeue_dead_letter_ids(
+                redis, args.queue, args.ids, args.max_priority
+            )
+        else:
+            moved, skipped = await queues.requeue_dead_letters(
+                redis, args.queue, args.limit, args.max_priority
+            )
         note = f" ({skipped} without a data field left in place)" if skipped else ""
-        return [f"requeued {moved} dead letters to {args.queue}{note}"]
+        return Outcome(
+            [f"requeued {moved} dead letters to {args.queue}{note}"], _missing(args.queue, missing)
+        )
     if args.command == "purge":
-        deleted = await queues.purge_dead_letters(redis, args.queue)
-        return [f"purged {deleted} dead letters of {args.queue}"]
+        missing = []
+        if args.ids:
+            deleted, missing = await queues.purge_dead_letter_ids(redis, args.queue, args.ids)
+        else:
+            deleted = await queues.purge_dead_letters(redis, args.queue, args.limit)
+        return Outcome(
+            [f"purged {deleted} dead letters of {args.queue}"], _missing(args.queue, missing)
+        )
     letters = await queues.dead_letters(redis, args.queue, args.count)
     if args.json:
-        return [json.dumps([letter.as_dict() for letter in letters], indent=2)]
-    return [
-        f"{letter.id}  from {letter.stream} {letter.original_id}  group {letter.group}  "
-        f"deliveries {letter.deliveries}  reason: {letter.reason}"
-        for letter in letters
-    ]
+        return Outcome([json.dumps([letter.as_dict() for letter in letters], indent=2)])
+    if not letters:
+        return Outcome([f"no dead letters in {args.queue}"])
+    return Outcome(
+        [
+            f"{letter.id}  task {_or(letter.task_name)} {_or(letter.task_id)}  "
+            f"deliveries {_or(letter.deliveries)}  age {_age(letter.age_ms)}  "
+            f"from {_or(letter.stream)} {_or(letter.original_id)}  group {_or(letter.group)}  "
+            f"reason: {_or(letter.reason)}"
+            for letter in letters
+        ]
+    )
 
 
-async def _scripts(redis: connection.RedisConnection, args: argparse.Namespace) -> list[str]:
+async def _scripts(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
     known = list(scripts.all_scripts().values())
     if args.command == "load":
         await scripts.load(redis, known)
     flags = await scripts.loaded(redis, known)
-    return [
+    lines = [
         f"{script.name}\t{script.version}\t{script.sha1}\t{'loaded' if flag else 'missing'}"
         for script, flag in zip(known, flags, strict=True)
     ]
+    missing = flags.count(False)
+    errors = [
+        f"{missing} of {len(known)} scripts are not loaded (`taskiq-redis scripts load` loads "
+        "them; a worker loads those it uses at startup)"
+    ]
+    return Outcome(lines, errors if missing else [])
 
 
-def _lines(args: argparse.Namespace) -> list[str]:
+def _run(args: argparse.Namespace) -> Outcome:
     if args.group != "scripts":
         return asyncio.run(_on_server(args))
     if args.command == "list":
@@ -217,26 +352,63 @@ def _lines(args: argparse.Namespace) -> list[str]:
             count = f"{script.num_keys}+" if script.variadic else str(script.num_keys)
             rows.append((script.name, str(script.version), script.sha1, count))
         width = max(len(row[0]) for row in rows)
-        return [f"{row[0]:<{width}}  {row[1]:>7}  {row[2]}  {row[3]}" for row in rows]
+        return Outcome([f"{row[0]:<{width}}  {row[1]:>7}  {row[2]}  {row[3]}" for row in rows])
     if args.command == "manifest":
-        return [f"{s.name}\t{s.version}\t{s.sha1}" for s in scripts.all_scripts().values()]
+        return Outcome([f"{s.name}\t{s.version}\t{s.sha1}" for s in scripts.all_scripts().values()])
     if args.command == "show":
-        return [scripts.get(args.name).source.rstrip("\n")]
+        return Outcome([scripts.get(args.name).source.rstrip("\n")])
     return asyncio.run(_on_server(args))
 
 
+def _usage_error(message: str) -> int:
+    print(f"taskiq-redis: {message}", file=sys.stderr)
+    return 2
+
+
+def _print(lines: list[str]) -> bool:
+    """Print the lines; False when the reader went away (``| head``): nothing is left to say."""
+    try:
+        if lines:
+            print("\n".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    return True
+
+
+# The status of a program a closed pipe stopped (128 + SIGPIPE), as a shell reports it.
+CLOSED_PIPE_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; the exit status is 0 on success, 1 on failure, 2 on bad usage."""
+    """Run the command line; the exit status is 0 on success, 1 on failure, 2 on bad usage.
+
+    A reader that stops reading (``taskiq-redis queues | head -1``) ends it quietly with
+    :data:`CLOSED_PIPE_STATUS`.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if getattr(args, "sentinel", None) and not args.master_name:
         parser.error("--sentinel needs --master-name")
+    if getattr(args, "url", None) is not None and (problem := url_problem(args.url)):
+        return _usage_error(f"--url: {problem}")
+    if getattr(args, "ids", None) and args.limit is not None:
+        return _usage_error(f"dead-letters {args.command}: give entry ids or --limit, not both")
     try:
-        print("\n".join(_lines(args)))
-    except (TaskIQRedisError, RedisError, OSError) as error:
+        outcome = _run(args)
+    except (TaskIQRedisError, RedisError, OSError, ValueError) as error:
         print(f"taskiq-redis: {error}", file=sys.stderr)
         return 1
-    return 0
+    printed = _print(outcome.lines)
+    for line in [*outcome.errors, *outcome.warnings]:
+        print(f"taskiq-redis: {line}", file=sys.stderr)
+    if not printed:
+        return CLOSED_PIPE_STATUS
+    return 1 if outcome.errors else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import FrameType
 from typing import Any
 
@@ -30,6 +30,49 @@ READ_AHEAD_SHARE = 4
 # that is just starting), then at most this far apart, so the wait logs little.
 START_WAIT_FIRST = 0.5
 START_WAIT_CAP = 10.0
+
+# The options of each broker type of this package beyond what every broker takes (queue_name,
+# result_backend, task_id_generator and how to reach Redis). A broker type takes whatever else
+# it is given as redis-py connection options, so an option of another type would otherwise
+# reach redis-py and fail each time a connection opens; see :func:`refuse_options`.
+BROKER_OPTIONS: dict[str, frozenset[str]] = {
+    "stream": frozenset(
+        {
+            "consumer_group_name",
+            "consumer_name",
+            "consumer_id",
+            "mkstream",
+            "xread_block",
+            "maxlen",
+            "approximate",
+            "idle_timeout",
+            "unacknowledged_batch_size",
+            "unacknowledged_lock_timeout",
+            "xread_count",
+            "additional_streams",
+            "max_deliveries",
+            "max_priority",
+        }
+    ),
+    "list queue": frozenset({"batch_size", "max_priority"}),
+}
+
+
+def refuse_options(broker: str, connection_kwargs: Mapping[str, Any]) -> None:
+    """Refuse, when ``broker`` (a class name) is built, an option of another broker type that
+    ended up among its connection options: ``TypeError`` naming it and the types that take it.
+
+    Without this, ``ListQueueBroker(url, max_deliveries=3)`` constructs, and every connection
+    it opens fails with redis-py's ``unexpected keyword argument``: a worker that restarts for
+    ever. Called by every broker class whose ``__init__`` takes ``**connection_kwargs``.
+    """
+    for name in connection_kwargs:
+        owners = [kind for kind, options in BROKER_OPTIONS.items() if name in options]
+        if owners:
+            raise TypeError(
+                f"{broker} does not take the option {name!r}: it is an option of the "
+                f"{' and '.join(owners)} brokers"
+            )
 
 
 def unreachable(error: BaseException) -> bool:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from taskiq import AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection
-from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis import connection, delays, priorities
+from taskiq_redis.brokers.base import BaseRedisBroker, refuse_options
 from taskiq_redis.diagnostics import describe
 
 if TYPE_CHECKING:
@@ -52,11 +52,34 @@ RESUBSCRIBE_ON: tuple[type[BaseException], ...] = (
 )
 
 
+def refuse_labels(message: BrokerMessage) -> None:
+    """Refuse the labels the pub/sub broker cannot honour (see :meth:`BasePubSubBroker.kick`)."""
+    if delays.delay_ms(message.labels) is not None:  # a bad delay raises there, named too
+        raise ValueError(
+            f"the pub/sub broker cannot delay a message (label {delays.DELAY_LABEL}="
+            f"{message.labels[delays.DELAY_LABEL]!r}): Redis pub/sub keeps no message; use "
+            "the stream or list broker, or a schedule source"
+        )
+    if message.labels.get(priorities.PRIORITY_LABEL) is not None:
+        raise ValueError(
+            f"the pub/sub broker cannot order messages by priority (label "
+            f"{priorities.PRIORITY_LABEL}={message.labels[priorities.PRIORITY_LABEL]!r}): "
+            "Redis pub/sub delivers each at once; use the stream or list broker"
+        )
+
+
 class BasePubSubBroker(BaseRedisBroker):
     """The pub/sub broker; the public classes below only choose how to reach Redis."""
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Publish the message to its channel: one PUBLISH (SPUBLISH on a cluster)."""
+        """Publish the message to its channel: one PUBLISH (SPUBLISH on a cluster).
+
+        A ``delay`` label that asks for a wait, or any ``priority`` label, is refused with a
+        ValueError naming it, and nothing is sent: Redis keeps no pub/sub message, so there is
+        nothing to hold back or to order, and ignoring the label would run the task at once
+        (``SmartRetryMiddleware`` would retry without waiting).
+        """
+        refuse_labels(message)
         command = "SPUBLISH" if self._conn.is_cluster else "PUBLISH"
         await self._conn.execute(command, self.queue_of(message), message.message)
 
@@ -130,6 +153,7 @@ class PubSubBroker(connection.SingleNodeAttributes, BasePubSubBroker):
         max_connection_pool_size: int | None = None,
         **connection_kwargs: Any,
     ) -> None:
+        refuse_options(type(self).__name__, connection_kwargs)
         super().__init__(
             connection.single_node(url, max_connection_pool_size, **connection_kwargs),
             queue_name,
@@ -154,6 +178,7 @@ class PubSubClusterBroker(connection.ClusterAttributes, BasePubSubBroker):
         task_id_generator: Callable[[], str] | None = None,
         **connection_kwargs: Any,
     ) -> None:
+        refuse_options(type(self).__name__, connection_kwargs)
         if ClusterPubSub is None:
             raise RuntimeError(
                 "PubSubClusterBroker needs redis-py 8.0 or newer (asyncio cluster pub/sub);"
@@ -181,6 +206,7 @@ class PubSubSentinelBroker(connection.SentinelAttributes, BasePubSubBroker):
         sentinel_kwargs: Any | None = None,
         **connection_kwargs: Any,
     ) -> None:
+        refuse_options(type(self).__name__, connection_kwargs)
         super().__init__(
             connection.sentinel(
                 sentinels, master_name, min_other_sentinels, sentinel_kwargs, **connection_kwargs
