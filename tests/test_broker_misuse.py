@@ -19,8 +19,9 @@ import redis.asyncio.cluster
 
 import taskiq_redis
 from taskiq_redis import connection, keys, queues
-from taskiq_redis.brokers import base, list_queue
+from taskiq_redis.brokers import base, levels_watch
 from taskiq_redis.brokers.pubsub import BasePubSubBroker
+from tests.queue_kinds import make_broker
 from tests.servers import Topology
 from tests.test_list_queue_broker import PATIENCE, eventually, message
 from tests.test_pubsub_broker import Listener, subscribed
@@ -132,16 +133,18 @@ def test_the_refused_options_are_those_of_the_broker_classes(kind: str, classes:
         assert own_options(getattr(taskiq_redis, name)) == base.BROKER_OPTIONS[kind], name
 
 
-async def test_a_list_worker_warns_once_of_levels_above_its_max_priority(
+@pytest.mark.parametrize("kind", ["list", "stream"])
+async def test_a_worker_warns_once_of_levels_above_its_max_priority(
     topology: Topology,
     unique: str,
+    kind: str,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     queue = f"levels{unique}"
-    monkeypatch.setattr(list_queue, "LEVEL_CHECK_SECONDS", 0.2)
-    producer = list_class(topology)(**topology.kwargs(), queue_name=queue)  # max_priority 9
-    worker = list_class(topology)(**topology.kwargs(), queue_name=queue, max_priority=3)
+    monkeypatch.setattr(levels_watch, "CHECK_SECONDS", 0.2)
+    producer = make_broker(kind, topology, queue)  # max_priority 9
+    worker = make_broker(kind, topology, queue, max_priority=3)
     await producer.startup()
     await worker.startup()
     await producer.kick(message(b"never read", priority=7))
@@ -160,7 +163,8 @@ async def test_a_list_worker_warns_once_of_levels_above_its_max_priority(
 
     try:
         with caplog.at_level(logging.WARNING, "taskiq.redis_broker"):
-            assert await asyncio.wait_for(anext(listener), PATIENCE) == b"read"
+            received = await asyncio.wait_for(anext(listener), PATIENCE)
+            assert getattr(received, "data", received) == b"read"
             await eventually(lambda: warned(7), "a warning about level 7")
             await producer.kick(message(b"also never read", priority=8))
             await eventually(lambda: warned(8), "a warning about level 8")
@@ -216,3 +220,12 @@ async def test_levels_above_finds_the_levels_that_hold_messages(
         assert await queues.levels_above(conn, queue, 99, kind) == []
     finally:
         await conn.close()
+
+
+async def test_a_list_option_given_to_a_stream_broker_is_refused_when_built(
+    topology: Topology, unique: str
+) -> None:
+    cls: Any = type(make_broker("stream", topology, f"q{unique}"))
+    with pytest.raises(TypeError) as refused:
+        cls(**topology.kwargs(), queue_name=f"q{unique}", batch_size=5)
+    assert f"{cls.__name__} does not take the option 'batch_size'" in str(refused.value)

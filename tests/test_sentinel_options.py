@@ -37,7 +37,9 @@ async def test_sentinel_kwargs_go_to_the_links_to_the_sentinels(
 ) -> None:
     """A user the sentinels do not know: every lookup is refused, so startup fails
     saying what the sentinel answered; without it, the same part starts."""
-    refused = PARTS[part](**arguments(redis_servers, sentinel_kwargs={"username": "nobody", "password": "nope"}))
+    refused = PARTS[part](
+        **arguments(redis_servers, sentinel_kwargs={"username": "nobody", "password": "nope"})
+    )
     with pytest.raises(RedisError) as raised:
         await refused.startup()
     await refused.shutdown()

@@ -29,8 +29,9 @@ from typing import Any
 
 from taskiq import AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection, delays, keys, priorities, queues, scripts
+from taskiq_redis import connection, delays, keys, priorities, scripts
 from taskiq_redis.brokers.base import READ_AHEAD_SHARE, BaseRedisBroker, refuse_options
+from taskiq_redis.brokers.levels_watch import watch_levels_above
 from taskiq_redis.diagnostics import describe
 
 logger = logging.getLogger("taskiq.redis_broker")
@@ -47,9 +48,6 @@ MAX_BATCH_SIZE = 1000
 BLOCK_SECONDS = 1
 # How long a stop waits for the answer of a pop in flight before giving up on it.
 RESCUE_SECONDS = BLOCK_SECONDS + 2.0
-# How often a listener looks for messages at levels above its max_priority (also at its start):
-# a producer with a higher max_priority can send there, and no worker of this one reads them.
-LEVEL_CHECK_SECONDS = 60.0
 
 _Popped = tuple[int, bytes]  # (priority level, message)
 
@@ -86,7 +84,6 @@ class BaseListQueueBroker(BaseRedisBroker):
         self._levels = priorities.Levels(queue_name, self.max_priority)
         self._script = scripts.get(LIST_POP)
         self._mover = delays.Mover(conn, {queue_name: self._levels.by_level}, "list")
-        self._levels_warned: set[int] = set()  # levels above max_priority already warned of
 
     async def startup(self) -> None:
         """Load the script now, so the first batch does not pay for a NOSCRIPT answer."""
@@ -119,7 +116,9 @@ class BaseListQueueBroker(BaseRedisBroker):
         checked = 0.0  # when Redis last said which levels hold messages (monotonic)
         backoff = connection.Backoff()
         self._mover.start()
-        watch = asyncio.ensure_future(self._watch_levels())
+        watch = asyncio.ensure_future(
+            watch_levels_above(self._conn, [self.queue_name], self.max_priority, "list")
+        )
         try:
             while True:
                 while popped:
@@ -163,31 +162,6 @@ class BaseListQueueBroker(BaseRedisBroker):
                 await asyncio.wait({ahead}, timeout=RESCUE_SECONDS)
                 popped.extend(self._taken(ahead) if ahead.done() else [])
             await self._put_back(popped)
-
-    async def _watch_levels(self) -> None:
-        """Warn, once per level, of messages at levels above ``max_priority``: no worker with
-        this ``max_priority`` reads them. Looked at when listening starts and every
-        LEVEL_CHECK_SECONDS, beside the reads: one LRANGE per level above, in one round trip."""
-        if self.max_priority >= queues.ALL_LEVELS:
-            return
-        while True:
-            try:
-                above = await queues.levels_above(self._conn, self.queue_name, self.max_priority)
-            except Exception as exc:  # a look that failed is no reason to stop a worker
-                logger.debug("Looking above max_priority on %r failed: %s", self.queue_name, exc)
-                above = []
-            for level in above:
-                if level not in self._levels_warned:
-                    self._levels_warned.add(level)
-                    logger.warning(
-                        "Queue %r holds messages at priority level %d, above this worker's "
-                        "max_priority %d, so it never runs them: a producer has a higher "
-                        "max_priority. Give the workers the producers' max_priority.",
-                        self.queue_name,
-                        level,
-                        self.max_priority,
-                    )
-            await asyncio.sleep(LEVEL_CHECK_SECONDS)
 
     def _taken(self, pop: asyncio.Task[list[_Popped]]) -> list[_Popped]:
         """What a finished pop ahead took; its failure is logged (the next pop tries again)."""

@@ -31,7 +31,8 @@ from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage, TaskiqResu
 from taskiq.result_backends.dummy import DummyResultBackend
 
 from taskiq_redis import connection, delays, priorities, scripts
-from taskiq_redis.brokers.base import BaseRedisBroker
+from taskiq_redis.brokers.base import BaseRedisBroker, refuse_options
+from taskiq_redis.brokers.levels_watch import watch_levels_above
 from taskiq_redis.brokers.stream.acks import NO_DATA, Acks, DeadLetters
 from taskiq_redis.brokers.stream.claims import Claims
 from taskiq_redis.brokers.stream.entries import Background, Entry
@@ -148,6 +149,7 @@ class BaseStreamBroker(BaseRedisBroker):
         trim = None if self.maxlen is None else (self.maxlen, approximate)
         by_level = {queue: levels.by_level for queue, levels in self._streams.levels.items()}
         self._mover = delays.Mover(conn, by_level, "stream", trim)
+        self._levels_watch: asyncio.Task[None] | None = None  # warns of levels above ours
 
     @property
     def read_patience(self) -> float:
@@ -208,6 +210,11 @@ class BaseStreamBroker(BaseRedisBroker):
         because an exception here would stop the worker.
         """
         self._mover.start()
+        if self._levels_watch is None:
+            queue_names = list(self._streams.levels)
+            self._levels_watch = asyncio.ensure_future(
+                watch_levels_above(self._conn, queue_names, self.max_priority, "stream")
+            )
         while True:
             self._claims.keep_renewing()
             entry = await self._reader.next()
@@ -229,6 +236,8 @@ class BaseStreamBroker(BaseRedisBroker):
         took is released too. An entry never handed to taskiq gets its delivery count back.
         """
         renewer = self._claims.stop_renewing()
+        if self._levels_watch is not None:
+            self._levels_watch.cancel()
         await self._mover.stop()
         pending = self._background.tasks | ({renewer} if renewer else set())
         if pending:
@@ -265,6 +274,7 @@ class RedisStreamBroker(connection.SingleNodeAttributes, BaseStreamBroker):
         max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
+        refuse_options(type(self).__name__, connection_kwargs)
         super().__init__(
             connection.single_node(url, max_connection_pool_size, **connection_kwargs),
             queue_name,
@@ -314,6 +324,7 @@ class RedisStreamClusterBroker(connection.ClusterAttributes, BaseStreamBroker):
         max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
+        refuse_options(type(self).__name__, connection_kwargs)
         super().__init__(
             connection.cluster(url, max_connection_pool_size, **connection_kwargs),
             queue_name,
@@ -366,6 +377,7 @@ class RedisStreamSentinelBroker(connection.SentinelAttributes, BaseStreamBroker)
         max_priority: int = priorities.DEFAULT_MAX_PRIORITY,
         **connection_kwargs: Any,
     ) -> None:
+        refuse_options(type(self).__name__, connection_kwargs)
         super().__init__(
             connection.sentinel(
                 sentinels,
