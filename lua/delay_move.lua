@@ -1,5 +1,5 @@
 -- name: delay_move
--- version: 1
+-- version: 2
 -- purpose: move the delayed messages that are due (by the server's clock) from a queue's delayed
 --          set to the queue, oldest due first, in one atomic step: however many workers run it at
 --          once, each message is moved exactly once. Bounded by ARGV[2] messages per call.
@@ -28,13 +28,23 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, count)
+local indexed = redis.call('EXISTS', KEYS[2]) == 1
 for _, member in ipairs(due) do
-    local head, level = string.match(member, '^(%x+:(%d+):)')
+    local head, hex, level = string.match(member, '^((%x+):(%d+):)')
     local message = member
-    local target = KEYS[2]
+    local target_index = 3
     if head then
         message = string.sub(member, #head + 1)
-        target = KEYS[math.min(tonumber(level) + 2, #KEYS)]
+        target_index = math.min(tonumber(level) + 3, #KEYS)
+    end
+    local target = KEYS[target_index]
+    local task_id = nil
+    if indexed and head and #hex % 2 == 0 then
+        -- a unique message's head is the hex of its task id (a plain one's is random)
+        local id = string.gsub(hex, '..', function(pair) return string.char(tonumber(pair, 16)) end)
+        if redis.call('HGET', KEYS[2], id) == 'd:' .. member then
+            task_id = id
+        end
     end
     if kind == 'stream' then
         local args = {target}
@@ -44,9 +54,15 @@ for _, member in ipairs(due) do
         args[#args + 1] = '*'
         args[#args + 1] = 'data'
         args[#args + 1] = message
-        redis.call('XADD', unpack(args))
+        local id = redis.call('XADD', unpack(args))
+        if task_id then
+            redis.call('HSET', KEYS[2], task_id, 's:' .. (target_index - 3) .. ':' .. id)
+        end
     else
         redis.call('LPUSH', target, message)
+        if task_id then
+            redis.call('HSET', KEYS[2], task_id, 'l:' .. (target_index - 3) .. ':' .. message)
+        end
     end
     redis.call('ZREM', KEYS[1], member)
 end

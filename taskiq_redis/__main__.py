@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
-from taskiq_redis import connection, priorities, queues, scripts
+from taskiq_redis import connection, priorities, queues, scripts, task_ids
 from taskiq_redis.exceptions import TaskIQRedisError
 
 
@@ -160,6 +160,28 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("ids", nargs="*", metavar="ID", type=_entry_id, help="entry ids")
     purge.add_argument("--limit", type=_whole, help="the oldest N only (default all)")
 
+    take_back = groups.add_parser(
+        "cancel",
+        parents=[server],
+        help="delete queued or delayed tasks by id, so they never run",
+        description="Each task that waits in QUEUE (queued at any priority level, or delayed) "
+        "is deleted; one a worker holds or ran is left alone. Exits 1 when none was cancelled.",
+    )
+    take_back.add_argument("queue")
+    take_back.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    take_back.add_argument(
+        "--consumer-group",
+        default="taskiq",
+        help="a stream queue's consumer group (default taskiq)",
+    )
+    take_back.add_argument(
+        "--max-priority",
+        type=_level,
+        default=queues.ALL_LEVELS,
+        metavar="N",
+        help=f"the highest priority level looked at (default {queues.ALL_LEVELS})",
+    )
+
     script_commands = groups.add_parser("scripts", help="the Lua scripts").add_subparsers(
         dest="command", required=True
     )
@@ -193,6 +215,8 @@ async def _on_server(args: argparse.Namespace) -> Outcome:
             return await _queues(redis, args)
         if args.group == "dead-letters":
             return await _dead_letters(redis, args)
+        if args.group == "cancel":
+            return await _cancel(redis, args)
         return await _scripts(redis, args)
     finally:
         await redis.close()
@@ -324,6 +348,17 @@ async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namesp
             for letter in letters
         ]
     )
+
+
+async def _cancel(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
+    view = await queues.inspect(redis, args.queue, max_priority=args.max_priority)
+    # No queue key (an empty list queue, say): only its delayed set can hold the tasks.
+    kind: task_ids.QueueKind = "stream" if view.kind == "stream" else "list"
+    levels = max([0, *view.levels])
+    queue = task_ids.Queue(args.queue, kind, levels, args.consumer_group)
+    done = await task_ids.cancel_many(redis, queue, args.task_ids)
+    lines = [f"{task_id}: {'cancelled' if ok else 'not queued'}" for task_id, ok in done.items()]
+    return Outcome(lines, [] if any(done.values()) else ["no task was cancelled"])
 
 
 async def _scripts(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:

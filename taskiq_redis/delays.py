@@ -109,7 +109,7 @@ async def move_due(
     moved, wait = await scripts.run(
         conn,
         scripts.get(MOVE),
-        [keys.delayed_key(queue), *(levels or [queue])],
+        [keys.delayed_key(queue), keys.unique_key(queue), *(levels or [queue])],
         [kind, batch, maxlen, int(approximate)],
     )
     return int(moved), None if int(wait) < 0 else int(wait)

@@ -41,3 +41,13 @@ class TaskDeadLetteredError(TaskIQRedisError):
     task_id: str
     deliveries: int
     reason: str
+
+
+class TaskCancelledError(TaskIQRedisError):
+    """The task was cancelled before any worker took it: it will not run.
+
+    Stored as the task's result, so whoever waits for it (``wait_result()``) learns at once.
+    """
+
+    __template__ = "Task {task_id} was cancelled before it ran"
+    task_id: str

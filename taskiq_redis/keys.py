@@ -17,6 +17,7 @@ from redis.crc import key_slot
 PROGRESS_SUFFIX = "__progress"
 DEAD_LETTER_SUFFIX = ":dead"
 DELAYED_SUFFIX = ":delayed"
+UNIQUE_SUFFIX = ":unique"
 PRIORITY_SUFFIX = ":priority:"
 
 
@@ -120,6 +121,11 @@ def dead_letter_key(queue: str) -> str:
 def delayed_key(queue: str) -> str:
     """The sorted set of a queue's delayed messages, in the queue's slot (``{taskiq}:delayed``)."""
     return beside(queue, DELAYED_SUFFIX)
+
+
+def unique_key(queue: str) -> str:
+    """Where a queue's unique kicks are indexed by task id, in its slot (``{taskiq}:unique``)."""
+    return beside(queue, UNIQUE_SUFFIX)
 
 
 def priority_key(queue: str, level: int) -> str:

@@ -126,7 +126,7 @@ def test_the_readme_lists_every_part() -> None:
         "result backend",
         "list schedule source",
         "key schedule source",
-        "taskiq-redis queues, dead-letters",
+        "taskiq-redis queues, dead-letters, cancel",
     }
 
 
@@ -149,6 +149,17 @@ async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def unique_kicks_and_cancel(producer: Any) -> None:
+    """Unique kicks (one dropped) and cancels through the index and by looking: every command
+    their scripts send is one the part's README line grants."""
+    await producer.kick(message(b"u-delayed", delay="60", unique=True))
+    await producer.kick(message(b"u-delayed", delay="60", unique=True))  # dropped
+    await producer.kick(message(b"u-level", priority=2, unique=True))
+    assert await producer.cancel("u-delayed")
+    assert await producer.cancel("u-level")
+    assert not await producer.cancel("never-kicked")  # looked for everywhere
+
+
 async def test_stream_broker(make_user: MakeUser) -> None:
     acl_user = await make_user("stream broker")
     queue = acl_user.names.queue
@@ -160,6 +171,7 @@ async def test_stream_broker(make_user: MakeUser) -> None:
     await worker.startup()
     stream = worker.listen()
     try:
+        await unique_kicks_and_cancel(producer)
         await producer.kick(message(b"now"))
         await producer.kick(message(b"later", delay="0.2"))
         # An entry no taskiq producer writes: the worker moves it to the dead letters.
@@ -182,7 +194,9 @@ async def test_stream_broker(make_user: MakeUser) -> None:
         await producer.shutdown()
     dead_letters = await acl_user.admin.xlen("{" + queue + "}:dead")
     refusals = await acl_user.refusals()
-    await acl_user.admin.delete(queue, "{" + queue + "}:dead", "{" + queue + "}:delayed")
+    await acl_user.admin.delete(
+        queue, "{" + queue + "}:dead", "{" + queue + "}:delayed", "{" + queue + "}:priority:2"
+    )
     assert sorted(received.data for received in got) == [b"later", b"now"]
     assert dead_letters == 1
     assert refusals == []
@@ -197,6 +211,7 @@ async def test_list_broker(make_user: MakeUser) -> None:
     await producer.startup()
     await worker.startup()
     try:
+        await unique_kicks_and_cancel(producer)
         stream = worker.listen()
         await producer.kick(message(b"later", delay="0.2"))
         first = await asyncio.wait_for(anext(stream), PATIENCE)  # waits in BRPOP
@@ -209,7 +224,7 @@ async def test_list_broker(make_user: MakeUser) -> None:
         await worker.shutdown()
         await producer.shutdown()
     refusals = await acl_user.refusals()
-    await acl_user.admin.delete(queue, "{" + queue + "}:delayed")
+    await acl_user.admin.delete(queue, "{" + queue + "}:delayed", "{" + queue + "}:priority:2")
     assert (first, second) == (b"later", b"a")
     assert left == ["c", "b"]
     assert refusals == []
@@ -343,7 +358,7 @@ async def test_list_schedule_source(make_user: MakeUser) -> None:
 
 
 async def test_ops_cli(make_user: MakeUser) -> None:
-    acl_user = await make_user("taskiq-redis queues, dead-letters")
+    acl_user = await make_user("taskiq-redis queues, dead-letters, cancel")
     queue = acl_user.names.queue
     admin = acl_user.admin
     await admin.xadd(queue, {"data": "queued"})
@@ -369,6 +384,8 @@ async def test_ops_cli(make_user: MakeUser) -> None:
         requeued = await asyncio.to_thread(cli, "dead-letters", "requeue", queue)
         await admin.xadd(dead, {"data": "gone", "reason": "test"})
         purged = await asyncio.to_thread(cli, "dead-letters", "purge", queue)
+        await admin.xadd(queue, {"data": '{"task_id":"take-back"}'})
+        cancelled = await asyncio.to_thread(cli, "cancel", queue, "take-back")
         length = await admin.xlen(queue)
         refusals = await acl_user.refusals()
     finally:
@@ -377,5 +394,6 @@ async def test_ops_cli(make_user: MakeUser) -> None:
     assert "reason: test" in listed
     assert requeued.strip() == f"requeued 1 dead letters to {queue}"
     assert purged.strip() == f"purged 1 dead letters of {queue}"
+    assert cancelled.strip() == "take-back: cancelled"
     assert length == 2
     assert refusals == []

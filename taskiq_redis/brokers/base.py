@@ -12,11 +12,13 @@ from types import FrameType
 from typing import Any
 
 from redis import exceptions as redis_errors
-from taskiq import AsyncBroker, AsyncResultBackend, BrokerMessage
+from taskiq import AsyncBroker, AsyncResultBackend, BrokerMessage, TaskiqResult
+from taskiq.result_backends.dummy import DummyResultBackend
 
-from taskiq_redis import connection
+from taskiq_redis import connection, delays, task_ids
 from taskiq_redis.connection import HasConnection, RedisConnection
 from taskiq_redis.diagnostics import describe
+from taskiq_redis.exceptions import TaskCancelledError
 
 logger = logging.getLogger("taskiq.redis_broker")
 
@@ -136,6 +138,22 @@ class BaseRedisBroker(connection.HasConnection, AsyncBroker):
         """The queue a message is sent to: its ``queue_name`` label, else the broker's queue."""
         return str(message.labels.get("queue_name") or self.queue_name)
 
+    async def store_error_result(self, task_id: str, error: BaseException) -> None:
+        """Store ``error`` as the task's result, so ``wait_result()`` returns at once.
+
+        Only with a result backend. A failure is logged: the news is lost, not the task.
+        """
+        backend = self.result_backend
+        if isinstance(backend, DummyResultBackend):
+            return
+        result: TaskiqResult[Any] = TaskiqResult(
+            is_err=True, return_value=None, execution_time=0.0, error=error
+        )
+        try:
+            await backend.set_result(task_id, result)
+        except Exception as exc:
+            logger.warning("Storing the result of task %s failed: %s", task_id, describe(exc))
+
     async def startup(self) -> None:
         """In a worker, first wait until Redis answers; then start as taskiq does.
 
@@ -195,3 +213,46 @@ class BaseRedisBroker(connection.HasConnection, AsyncBroker):
         """Stop taskiq's side first, then close every connection."""
         await super().shutdown()
         await self._conn.close()
+
+
+class QueueBroker(BaseRedisBroker):
+    """The list and stream brokers: queues a task waits in, so it can be found by its id.
+
+    Unique kicks and :meth:`cancel` (see :mod:`taskiq_redis.task_ids`) are written once here
+    for both; each broker says what its queues are (:meth:`task_queue`).
+    """
+
+    max_priority: int
+
+    def task_queue(self, queue_name: str | None = None) -> task_ids.Queue:
+        """The queue ``queue_name`` (the broker's own by default), as the scripts see it."""
+        raise NotImplementedError
+
+    async def kick_unique(
+        self, message: BrokerMessage, level: int, trim: tuple[Any, ...] = ()
+    ) -> None:
+        """Queue or delay a message labelled ``unique``, unless its task id already waits."""
+        queue = self.task_queue(self.queue_of(message))
+        delay = delays.delay_ms(message.labels)
+        added = await task_ids.kick_unique(
+            self._conn, queue, message.task_id, message.message, level, delay, trim
+        )
+        if not added:
+            logger.info(
+                "Task %s is already queued in %r; the unique kick is dropped",
+                message.task_id,
+                queue.name,
+            )
+
+    async def cancel(self, task_id: str, queue_name: str | None = None) -> bool:
+        """Take back a task no worker has taken yet, so it never runs.
+
+        True when it was queued or delayed (at any priority level) and is now deleted; its
+        waiters then get a :class:`~taskiq_redis.exceptions.TaskCancelledError` result, when
+        the broker has a result backend. False when it is not waiting: a worker holds it or ran
+        it (a running task is not interrupted), or the id is unknown.
+        """
+        cancelled = await task_ids.cancel(self._conn, self.task_queue(queue_name), task_id)
+        if cancelled:
+            await self.store_error_result(task_id, TaskCancelledError(task_id=task_id))
+        return cancelled

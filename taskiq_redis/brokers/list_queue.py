@@ -29,8 +29,8 @@ from typing import Any
 
 from taskiq import AsyncResultBackend, BrokerMessage
 
-from taskiq_redis import connection, delays, keys, priorities, scripts
-from taskiq_redis.brokers.base import READ_AHEAD_SHARE, BaseRedisBroker, refuse_options
+from taskiq_redis import connection, delays, keys, priorities, scripts, task_ids
+from taskiq_redis.brokers.base import READ_AHEAD_SHARE, QueueBroker, refuse_options
 from taskiq_redis.brokers.levels_watch import watch_levels_above
 from taskiq_redis.diagnostics import describe
 
@@ -65,7 +65,7 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-class BaseListQueueBroker(BaseRedisBroker):
+class BaseListQueueBroker(QueueBroker):
     """The list queue broker; the public classes below only choose how to reach Redis."""
 
     def __init__(
@@ -98,9 +98,15 @@ class BaseListQueueBroker(BaseRedisBroker):
         """
         queue = self.queue_of(message)
         level = priorities.level_of(message.labels, self.max_priority)
+        if task_ids.is_unique(message.labels):
+            await self.kick_unique(message, level)
+            return
         if await delays.defer(self._conn, queue, message, level):
             return
         await self._conn.execute("LPUSH", keys.priority_key(queue, level), message.message)
+
+    def task_queue(self, queue_name: str | None = None) -> task_ids.Queue:
+        return task_ids.Queue(queue_name or self.queue_name, "list", self.max_priority)
 
     async def listen(self) -> AsyncGenerator[bytes, None]:
         """Yield messages highest level first and oldest first within a level.

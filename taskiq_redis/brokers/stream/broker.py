@@ -27,18 +27,17 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
-from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage, TaskiqResult
+from taskiq import AckableMessage, AsyncResultBackend, BrokerMessage
 from taskiq.result_backends.dummy import DummyResultBackend
 
-from taskiq_redis import connection, delays, priorities, scripts
-from taskiq_redis.brokers.base import BaseRedisBroker, refuse_options
+from taskiq_redis import connection, delays, priorities, scripts, task_ids
+from taskiq_redis.brokers.base import QueueBroker, refuse_options
 from taskiq_redis.brokers.levels_watch import watch_levels_above
 from taskiq_redis.brokers.stream.acks import NO_DATA, Acks, DeadLetters
 from taskiq_redis.brokers.stream.claims import Claims
 from taskiq_redis.brokers.stream.entries import Background, Entry
 from taskiq_redis.brokers.stream.reading import Reader
 from taskiq_redis.brokers.stream.streams import Streams
-from taskiq_redis.diagnostics import describe
 from taskiq_redis.exceptions import TaskDeadLetteredError
 
 logger = logging.getLogger("taskiq.redis_broker")
@@ -62,7 +61,7 @@ def _whole(name: str, value: Any, minimum: int, optional: bool = False) -> Any:
     return value
 
 
-class BaseStreamBroker(BaseRedisBroker):
+class BaseStreamBroker(QueueBroker):
     """The stream broker; the public classes below only choose how to reach Redis."""
 
     def __init__(
@@ -162,25 +161,20 @@ class BaseStreamBroker(BaseRedisBroker):
     async def _tell_waiters(self, entry: Entry, reason: str) -> None:
         """Store an error result for a dead-lettered task, so ``wait_result()`` returns at once.
 
-        Only with a result backend, and only for a taskiq message (anything else has no task id).
+        Only for a taskiq message (anything else has no task id anyone could wait for).
         """
-        backend = self.result_backend
-        if isinstance(backend, DummyResultBackend) or entry.data is None:
+        if entry.data is None or isinstance(self.result_backend, DummyResultBackend):
             return
         try:
             task_id = self.formatter.loads(entry.data).task_id
         except Exception:  # not a taskiq message: nobody can be waiting for it
             return
         error = TaskDeadLetteredError(task_id=task_id, deliveries=entry.deliveries, reason=reason)
-        result: TaskiqResult[Any] = TaskiqResult(
-            is_err=True, return_value=None, execution_time=0.0, error=error
-        )
-        try:
-            await backend.set_result(task_id, result)
-        except Exception as exc:  # the dead letter itself is safe; only the news is lost
-            logger.warning(
-                "Storing the dead-letter result of task %s failed: %s", task_id, describe(exc)
-            )
+        await self.store_error_result(task_id, error)
+
+    def task_queue(self, queue_name: str | None = None) -> task_ids.Queue:
+        name = queue_name or self.queue_name
+        return task_ids.Queue(name, "stream", self.max_priority, self.consumer_group_name)
 
     async def startup(self) -> None:
         """Load the scripts, create the consumer group on each queue, find its level streams."""
@@ -198,6 +192,9 @@ class BaseStreamBroker(BaseRedisBroker):
         """
         queue = self.queue_of(message)
         level = priorities.level_of(message.labels, self.max_priority)
+        if task_ids.is_unique(message.labels):
+            await self.kick_unique(message, level, self._trim)
+            return
         if await delays.defer(self._conn, queue, message, level):
             return
         await self._streams.add(queue, level, message.message, self._trim)

@@ -1,0 +1,169 @@
+-- name: task_cancel
+-- version: 1
+-- purpose: take back a task that no worker has taken yet: find its message in the queue's
+--          delayed set or at any priority level and delete it, so it never runs. A message kicked
+--          as unique is found at once through the queue's unique index; any other is looked for,
+--          a bounded slice per call, in the delayed set (newest due first) and then in each
+--          level, by bytes that only its message holds (ARGV[3], e.g. '"task_id":"<id>"' for
+--          taskiq's JSON messages). Finding and deleting are one atomic step: a stream entry
+--          already delivered to a consumer of the group (held by a worker, or done) is never
+--          deleted, and a worker reading at the same moment either got it first or never will.
+--          Bounded: at most ARGV[7] messages looked at per call; the caller calls again from
+--          where the last call stopped.
+-- KEYS[1]: the queue's unique index ({queue}:unique)
+-- KEYS[2]: the queue's delayed set ({queue}:delayed)
+-- KEYS[3...]: the queue's keys by priority level: KEYS[3] is level 0 (the queue itself), ...
+-- ARGV[1]: 'stream' or 'list'
+-- ARGV[2]: the task id
+-- ARGV[3]: the bytes that only this task's message holds
+-- ARGV[4]: for a stream, the consumer group whose delivery decides "taken"
+-- ARGV[5]: the phase to go on with: 0 the index, 1 the delayed set, 2 + n level n
+-- ARGV[6]: where in that phase ('' from its start)
+-- ARGV[7]: the most messages to look at in this call
+-- returns: {outcome, phase, position}: outcome 'cancelled' (deleted), 'taken' (a worker holds
+--          it or ran it), 'more' (not found yet: call again with phase and position) or 'none'
+
+local index, delayed = KEYS[1], KEYS[2]
+local kind, task_id, needle, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local phase, position, budget = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local levels = #KEYS - 2
+
+local function id_parts(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return tonumber(ms), tonumber(seq)
+end
+
+local function after(a, b) -- whether stream id a comes after stream id b
+    local a_ms, a_seq = id_parts(a)
+    local b_ms, b_seq = id_parts(b)
+    return a_ms > b_ms or (a_ms == b_ms and a_seq > b_seq)
+end
+
+local function delivered_up_to(key) -- the group's last delivered id on a stream
+    local found = redis.pcall('XINFO', 'GROUPS', key)
+    if type(found) ~= 'table' or found.err then
+        return nil
+    end
+    for _, about in ipairs(found) do
+        local name, last = nil, nil
+        for i = 1, #about, 2 do
+            if about[i] == 'name' then
+                name = about[i + 1]
+            elseif about[i] == 'last-delivered-id' then
+                last = about[i + 1]
+            end
+        end
+        if name == group then
+            return last
+        end
+    end
+    return nil
+end
+
+-- A stream entry of this task: deleted unless the group has delivered it.
+local function take_entry(key, id)
+    local last = delivered_up_to(key)
+    if last and not after(id, last) then
+        return 'taken'
+    end
+    redis.call('XDEL', key, id)
+    redis.call('HDEL', index, task_id)
+    return 'cancelled'
+end
+
+if phase == 0 then
+    local where = redis.call('HGET', index, task_id)
+    if where then
+        local place, rest = string.sub(where, 1, 1), string.sub(where, 3)
+        if place == 'd' then
+            if redis.call('ZREM', delayed, rest) == 1 then
+                redis.call('HDEL', index, task_id)
+                return {'cancelled', 0, ''}
+            end
+        else
+            local cut = string.find(rest, ':', 1, true)
+            local key = cut and KEYS[tonumber(string.sub(rest, 1, cut - 1)) + 3]
+            local what = cut and string.sub(rest, cut + 1)
+            if key and place == 's' and #redis.call('XRANGE', key, what, what) > 0 then
+                return {take_entry(key, what), 0, ''}
+            end
+            if key and place == 'l' and redis.call('LREM', key, 1, what) == 1 then
+                redis.call('HDEL', index, task_id)
+                return {'cancelled', 0, ''}
+            end
+        end
+        redis.call('HDEL', index, task_id) -- stale: its message is gone
+    end
+    phase, position = 1, ''
+end
+
+while phase <= levels + 1 and budget > 0 do
+    if phase == 1 then
+        -- newest due first: the mover takes the oldest, so positions from the end hold still
+        local start = tonumber(position) or 0
+        local members = redis.call('ZREVRANGE', delayed, start, start + budget - 1)
+        for _, member in ipairs(members) do
+            if string.find(member, needle, 1, true) then
+                redis.call('ZREM', delayed, member)
+                redis.call('HDEL', index, task_id)
+                return {'cancelled', 0, ''}
+            end
+        end
+        budget = budget - #members
+        if #members == 0 or budget > 0 then
+            phase, position = 2, ''
+        else
+            position = tostring(start + #members)
+        end
+    else
+        local key = KEYS[phase + 1]
+        if kind == 'stream' then
+            local from = position == '' and '-' or ('(' .. position)
+            local entries = redis.call('XRANGE', key, from, '+', 'COUNT', budget)
+            for _, entry in ipairs(entries) do
+                local fields = entry[2]
+                for i = 1, #fields, 2 do
+                    if fields[i] == 'data' and string.find(fields[i + 1], needle, 1, true) then
+                        local outcome = take_entry(key, entry[1])
+                        if outcome == 'cancelled' then
+                            return {outcome, 0, ''}
+                        end
+                        -- delivered: held by a worker unless acknowledged and kept as a log
+                        local pending = redis.call('XPENDING', key, group, entry[1], entry[1], 1)
+                        if #pending > 0 then
+                            return {'taken', 0, ''}
+                        end
+                    end
+                end
+            end
+            budget = budget - #entries
+            if #entries == 0 or budget > 0 then
+                phase, position = phase + 1, ''
+            else
+                position = entries[#entries][1]
+            end
+        else
+            -- from the head: pushes there move positions up (looked at twice, harmless), pops
+            -- at the tail move nothing looked at yet
+            local start = tonumber(position) or 0
+            local messages = redis.call('LRANGE', key, start, start + budget - 1)
+            for _, message in ipairs(messages) do
+                if string.find(message, needle, 1, true) then
+                    redis.call('LREM', key, 1, message)
+                    redis.call('HDEL', index, task_id)
+                    return {'cancelled', 0, ''}
+                end
+            end
+            budget = budget - #messages
+            if #messages == 0 or budget > 0 then
+                phase, position = phase + 1, ''
+            else
+                position = tostring(start + #messages)
+            end
+        end
+    end
+end
+if phase > levels + 1 then
+    return {'none', phase, ''}
+end
+return {'more', phase, position}

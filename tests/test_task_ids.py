@@ -1,0 +1,267 @@
+"""Unique kicks and cancel, on the list and stream brokers, on every topology.
+
+- 50 concurrent unique kicks of one id leave one message; the id is free again once its message
+  is gone (acknowledged or popped), and while it is delayed, moved by the mover, or held by a
+  worker, a unique kick of it is dropped.
+- ``cancel`` deletes a queued or delayed task at any level (found through the unique index, or
+  by looking through the queue a slice at a time), and its waiter gets ``TaskCancelledError``;
+  a task a worker holds, ran, or that is unknown gives False.
+- Through a real ``taskiq worker``: 50 concurrent unique kicks, one run, every handle gets the
+  result; a cancelled task never runs and its waiter returns at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from typing import Any, cast
+
+import pytest
+from taskiq import BrokerMessage
+from taskiq.kicker import AsyncKicker
+
+import taskiq_redis
+from taskiq_redis import delays, keys, task_ids
+from tests.queue_kinds import KINDS, acked, body_of, broker_class, make_broker
+from tests.queue_kinds import message as queue_message
+from tests.servers import Topology
+from tests.worker_process import ROOT, WorkerProcess
+
+PATIENCE = 20.0
+TASK = "task_ids_app.echo"  # tests/apps/task_ids_app.py
+
+
+def message(task_id: str, **labels: Any) -> BrokerMessage:
+    return queue_message(task_id, **labels)
+
+
+def unique_message(task_id: str, **labels: Any) -> BrokerMessage:
+    return queue_message(task_id, unique=True, **labels)
+
+
+async def waiting(raw_redis: Any, kind: str, queue: str) -> int:
+    """Messages waiting in the queue at every level (not counting delayed ones)."""
+    total = 0
+    for key in task_ids.level_keys(queue, 9):
+        total += await (raw_redis.xlen(key) if kind == "stream" else raw_redis.llen(key))
+    return int(total)
+
+
+def backend_class(topology: Topology) -> str:
+    return topology.pick(
+        single="RedisAsyncResultBackend",
+        cluster="RedisAsyncClusterResultBackend",
+        sentinel="RedisAsyncSentinelResultBackend",
+    )
+
+
+def make_backend(topology: Topology) -> Any:
+    cls = getattr(taskiq_redis, backend_class(topology))
+    if topology.name == "sentinel":
+        return cls(**topology.kwargs())
+    return cls(topology.url)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_fifty_concurrent_unique_kicks_leave_one_message_until_it_is_gone(
+    kind: str, topology: Topology, raw_redis: Any, unique: str
+) -> None:
+    queue = f"once{kind}{unique}"
+    broker: Any = make_broker(kind, topology, queue)
+    await broker.startup()
+    listener = broker.listen()
+    try:
+        await asyncio.gather(
+            *(broker.kick(unique_message("order-42", priority=3)) for _ in range(50))
+        )
+        assert await waiting(raw_redis, kind, queue) == 1
+        await broker.kick(message("order-42"))  # without the label: queued as ever
+        assert await waiting(raw_redis, kind, queue) == 2
+        taken = await acked(await asyncio.wait_for(anext(listener), PATIENCE))
+        assert body_of(taken) == "order-42"
+        if kind == "stream":  # the ack is sent after ack() returns
+            deadline = asyncio.get_running_loop().time() + PATIENCE
+            while await raw_redis.xlen(keys.priority_key(queue, 3)):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+        await broker.kick(unique_message("order-42", priority=3))  # its message is gone: free again
+        assert await waiting(raw_redis, kind, queue) == 2
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+
+
+async def test_a_stream_message_held_by_a_worker_blocks_its_id_until_acknowledged(
+    topology: Topology, raw_redis: Any, unique: str
+) -> None:
+    queue = f"held{unique}"
+    broker: Any = make_broker("stream", topology, queue)
+    await broker.startup()
+    listener = broker.listen()
+    try:
+        await broker.kick(unique_message("job-1"))
+        received = await asyncio.wait_for(anext(listener), PATIENCE)  # held, not acknowledged
+        await broker.kick(unique_message("job-1"))
+        assert await raw_redis.xlen(queue) == 1
+        assert not await broker.cancel("job-1")  # a worker holds it
+        await acked(received)
+        deadline = asyncio.get_running_loop().time() + PATIENCE
+        while await raw_redis.xlen(queue):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await broker.kick(unique_message("job-1"))
+        assert await raw_redis.xlen(queue) == 1
+    finally:
+        await listener.aclose()
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_delayed_unique_message_blocks_its_id_before_and_after_it_is_due(
+    kind: str, topology: Topology, raw_redis: Any, unique: str
+) -> None:
+    queue = f"later{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    try:
+        await broker.kick(unique_message("soon", delay=0.3, priority=2))
+        await broker.kick(unique_message("soon", delay=0.3, priority=2))
+        assert await raw_redis.zcard(keys.delayed_key(queue)) == 1
+        await asyncio.sleep(0.5)
+        await delays.move_due(
+            broker.redis_connection,
+            queue,
+            cast(delays.QueueKind, kind),
+            task_ids.level_keys(queue, 9),
+        )  # what a worker's mover does
+        assert await waiting(raw_redis, kind, queue) == 1
+        await broker.kick(unique_message("soon", priority=2))  # its record moved with it
+        assert await waiting(raw_redis, kind, queue) == 1
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_cancel_deletes_a_waiting_task_and_its_waiter_gets_the_error(
+    kind: str, topology: Topology, raw_redis: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by looking through the queue (not a unique kick): a slice of 7 messages per call,
+    so the look spans several calls; then a delayed one and a unique one."""
+    monkeypatch.setattr(task_ids, "CANCEL_SLICE", 7)
+    queue = f"cancel{kind}{unique}"
+    broker: Any = make_broker(kind, topology, queue).with_result_backend(make_backend(topology))
+    await broker.startup()
+    try:
+        for number in range(40):
+            await broker.kick(message(f"filler{number}", priority=number % 3))
+        await broker.kick(message("target", priority=1))
+        for number in range(40, 60):
+            await broker.kick(message(f"filler{number}"))
+        await broker.kick(message("parked", delay=60))
+        await broker.kick(unique_message("indexed", priority=4))
+        before = await waiting(raw_redis, kind, queue)
+        assert await broker.cancel("target")
+        assert await waiting(raw_redis, kind, queue) == before - 1
+        assert await broker.cancel("parked")
+        assert await raw_redis.zcard(keys.delayed_key(queue)) == 0
+        assert await broker.cancel("indexed")
+        assert not await broker.cancel("target")  # gone already
+        assert not await broker.cancel("never-kicked")
+        result = await broker.result_backend.get_result("target")
+        assert result.is_err
+        assert "Task target was cancelled" in str(result.error)
+        leftover = []
+        async for received in receive_all(broker, before - 2):
+            leftover.append(body_of(received))
+        assert "target" not in leftover
+        assert len(leftover) == before - 2
+    finally:
+        await broker.shutdown()
+
+
+async def receive_all(broker: Any, count: int) -> Any:
+    listener = broker.listen()
+    try:
+        for _ in range(count):
+            yield await acked(await asyncio.wait_for(anext(listener), PATIENCE))
+    finally:
+        await listener.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_unique_kicks_and_cancel_in_a_real_worker(
+    kind: str, topology: Topology, unique: str
+) -> None:
+    queue = f"worker{kind}{unique}"
+    config = {
+        "broker": broker_class(kind, topology),
+        "broker_kwargs": {**topology.kwargs(), "queue_name": queue},
+        "backend": backend_class(topology),
+        "backend_kwargs": topology.kwargs(url_param="redis_url")
+        if topology.name != "sentinel"
+        else topology.kwargs(),
+    }
+    producer: Any = make_broker(kind, topology, queue).with_result_backend(make_backend(topology))
+    await producer.startup()
+
+    def kicker(task_id: str) -> Any:  # as the app's task, kicked by name
+        return AsyncKicker(TASK, producer, {"unique": True}).with_task_id(task_id)
+
+    try:
+        # Kicked before the worker starts: a list forgets a message once popped, so kicks that
+        # race a worker's pop are not all dropped there (a stream holds it until acknowledged).
+        handles = await asyncio.gather(*(kicker(f"one{unique}").kiq(7) for _ in range(50)))
+        later = await kicker(f"later{unique}").with_labels(delay=3).kiq(2)
+        with WorkerProcess("tests.apps.task_ids_app:broker", config=config) as worker:
+            worker.wait_ready()
+            results = await asyncio.gather(
+                *(handle.wait_result(timeout=PATIENCE) for handle in handles)
+            )
+            assert [result.return_value for result in results] == [7] * 50
+            cancelled = await producer.cancel(f"later{unique}")  # delayed, not due yet
+            busy = await kicker(f"busy{unique}").kiq(1, 1.0)
+            await asyncio.to_thread(worker.wait_for_line, "ran 1")
+            running = await producer.cancel(f"busy{unique}")
+            result = await later.wait_result(timeout=PATIENCE)
+            assert (await busy.wait_result(timeout=PATIENCE)).return_value == 1
+            done = await producer.cancel(f"busy{unique}")
+            await asyncio.sleep(3.5)  # past the cancelled task's due time
+            log = worker.output()
+        assert len(re.findall(r"\bran 7\b", log)) == 1, log
+        assert "ran 2" not in log, log
+        assert cancelled
+        assert not running
+        assert not done
+        assert result.is_err
+        assert "was cancelled" in str(result.error)
+    finally:
+        await producer.shutdown()
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+
+
+async def test_the_cancel_command_says_what_it_did(topology: Topology, unique: str) -> None:
+    queue = f"cli{unique}"
+    broker: Any = make_broker("stream", topology, queue)
+    await broker.startup()
+    try:
+        await broker.kick(message("waits"))
+        if topology.name == "sentinel":
+            host, port = topology.sentinels[0]
+            where = ["--sentinel", f"{host}:{port}", "--master-name", topology.master_name]
+        else:
+            where = ["--url", topology.url]
+        command = [sys.executable, "-m", "taskiq_redis", "cancel", queue, "waits", "nope"]
+        done = await asyncio.to_thread(run, [*command, *where])
+        assert done.returncode == 0, done.stderr
+        assert "waits: cancelled" in done.stdout
+        assert "nope: not queued" in done.stdout
+        again = await asyncio.to_thread(run, [*command[:-1], *where])
+        assert again.returncode == 1
+        assert "waits: not queued" in again.stdout
+    finally:
+        await broker.shutdown()
