@@ -88,6 +88,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/schedules.py
 	$(BIN)/python bench/worker_drain.py
+	$(BIN)/python bench/cancel.py
 
 redis-up: install
 	mkdir -p .redis

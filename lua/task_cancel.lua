@@ -20,6 +20,7 @@
 -- ARGV[5]: the phase to go on with: 0 the index, 1 the delayed set, 2 + n level n
 -- ARGV[6]: where in that phase ('' from its start)
 -- ARGV[7]: the most messages to look at in this call
+-- ARGV[8]: a mark no message holds (a random token), put where a list message is removed
 -- returns: {outcome, phase, position}: outcome 'cancelled' (deleted), 'taken' (a worker holds
 --          it or ran it), 'more' (not found yet: call again with phase and position) or 'none'
 
@@ -122,17 +123,24 @@ while phase <= levels + 1 and budget > 0 do
             local entries = redis.call('XRANGE', key, from, '+', 'COUNT', budget)
             for _, entry in ipairs(entries) do
                 local fields = entry[2]
-                for i = 1, #fields, 2 do
-                    if fields[i] == 'data' and string.find(fields[i + 1], needle, 1, true) then
-                        local outcome = take_entry(key, entry[1])
-                        if outcome == 'cancelled' then
-                            return {outcome, 0, ''}
+                -- taskiq's entries have the one field; the needle can only be in its value
+                local data = fields[1] == 'data' and fields[2] or nil
+                if not data then
+                    for i = 1, #fields, 2 do
+                        if fields[i] == 'data' then
+                            data = fields[i + 1]
                         end
-                        -- delivered: held by a worker unless acknowledged and kept as a log
-                        local pending = redis.call('XPENDING', key, group, entry[1], entry[1], 1)
-                        if #pending > 0 then
-                            return {'taken', 0, ''}
-                        end
+                    end
+                end
+                if data and string.find(data, needle, 1, true) then
+                    local outcome = take_entry(key, entry[1])
+                    if outcome == 'cancelled' then
+                        return {outcome, 0, ''}
+                    end
+                    -- delivered: held by a worker unless acknowledged and kept as a log
+                    local pending = redis.call('XPENDING', key, group, entry[1], entry[1], 1)
+                    if #pending > 0 then
+                        return {'taken', 0, ''}
                     end
                 end
             end
@@ -147,9 +155,14 @@ while phase <= levels + 1 and budget > 0 do
             -- at the tail move nothing looked at yet
             local start = tonumber(position) or 0
             local messages = redis.call('LRANGE', key, start, start + budget - 1)
-            for _, message in ipairs(messages) do
+            for offset, message in ipairs(messages) do
                 if string.find(message, needle, 1, true) then
-                    redis.call('LREM', key, 1, message)
+                    -- removed where it is: marked, then the mark removed from the nearer end
+                    -- (an LREM of the message itself would walk the list from the head)
+                    local at = start + offset - 1
+                    redis.call('LSET', key, at, ARGV[8])
+                    local near = at < redis.call('LLEN', key) / 2 and 1 or -1
+                    redis.call('LREM', key, near, ARGV[8])
                     redis.call('HDEL', index, task_id)
                     return {'cancelled', 0, ''}
                 end

@@ -18,6 +18,7 @@ formatter only unique messages can be found. A queue that never cancels pays not
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -102,13 +103,23 @@ async def cancel(conn: RedisConnection, queue: Queue, task_id: str) -> bool:
     took it, it is done, or it is unknown). A running task is never interrupted."""
     script = scripts.get(CANCEL)
     script_keys = queue.script_keys()
+    mark = f"taskiq-redis cancel mark {uuid.uuid4().hex}"
     phase, position = 0, ""
     while True:
         outcome, phase, position = await scripts.run(
             conn,
             script,
             script_keys,
-            [queue.kind, task_id, needle(task_id), queue.group, phase, position, CANCEL_SLICE],
+            [
+                queue.kind,
+                task_id,
+                needle(task_id),
+                queue.group,
+                phase,
+                position,
+                CANCEL_SLICE,
+                mark,
+            ],
         )
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if outcome != "more":
