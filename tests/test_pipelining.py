@@ -24,7 +24,6 @@ from taskiq_redis import (
     RedisStreamClusterBroker,
     RedisStreamSentinelBroker,
     connection,
-    pipelining,
 )
 from tests.servers import AsyncRedisClient, Topology
 
@@ -155,7 +154,7 @@ async def test_every_reply_reaches_its_own_caller_while_lanes_and_a_small_pool_r
 
 
 def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them() -> None:
-    wire = Connection()
+    redis_py = Connection()
     commands: list[tuple[Any, ...]] = [
         ("EVALSHA", "a" * 40, 2, "{key}", "{key}__progress", "1"),
         ("SET", "clé é", b"\x00\xff bytes", 0.1, 1e20, -0.0, 2**70, float("inf")),
@@ -163,11 +162,11 @@ def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them() -> None:
         (b"CLIENT LIST",),
         ("XADD", "q", "*", "data", b""),
     ]
-    packed = pipelining._packed(wire, commands)
+    packed = wire.packed(redis_py, commands)
     packed = packed if isinstance(packed, bytes) else b"".join(packed)
-    assert packed == b"".join(wire.pack_commands(commands))
+    assert packed == b"".join(redis_py.pack_commands(commands))
     with pytest.raises(DataError):  # redis-py refuses a bool; so does the packing
-        pipelining._packed(wire, [("SET", "k", True)])
+        wire.packed(redis_py, [("SET", "k", True)])
 
 
 async def test_a_write_larger_than_the_socket_buffer_arrives_whole_beside_small_commands(
