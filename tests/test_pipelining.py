@@ -24,6 +24,7 @@ from taskiq_redis import (
     RedisStreamClusterBroker,
     RedisStreamSentinelBroker,
     connection,
+    wire,
 )
 from tests.servers import AsyncRedisClient, Topology
 
