@@ -22,6 +22,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from taskiq_redis.diagnostics import describe, server_message
 from taskiq_redis.pipelining import AutoPipeline
+from taskiq_redis.pools import CountingBlockingPool
 from taskiq_redis.sentinels import BlockingSentinelPool, Sentinels
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ def single_node(
     **connection_kwargs: Any,
 ) -> RedisConnection:
     """One Redis server: a ``BlockingConnectionPool`` from ``url``, as in taskiq-redis 1.2."""
-    pool = BlockingConnectionPool.from_url(
+    pool = CountingBlockingPool.from_url(
         url,
         max_connections=max_connection_pool_size,
         **with_reconnect(connection_kwargs),

@@ -48,6 +48,7 @@ from redis.exceptions import (
 )
 
 from taskiq_redis import wire
+from taskiq_redis.pools import CountsHandedOut
 
 if TYPE_CHECKING:
     from redis.asyncio.cluster import ClusterNode
@@ -182,18 +183,21 @@ class AutoPipeline:
     def _free(self, server: _Server) -> int:
         """How many connections the server's lanes may take without waiting (at least).
 
-        A single node's pool says whether it can hand one out at once (``can_get_connection``);
-        the kept connection is in use by the pool's count but ours to take. A cluster node's
-        pool has no public count of what is in use: the lanes count what they take themselves,
-        and a node whose connections others hold (a blocking read) makes a lane wait for one,
-        as redis-py's own cluster commands do.
+        A single node's or sentinel primary's pool is one of this package's, which counts what
+        it handed out (:mod:`taskiq_redis.pools`); the kept connection is handed out by that
+        count but ours to take. A cluster node's pool has no public count of what is in use:
+        the lanes count what they take themselves, and a node whose connections others hold (a
+        blocking read) makes a lane wait for one, as redis-py's own cluster commands do.
         """
         node = server.node
         if node is None:
             assert isinstance(self._client, Redis)  # a cluster's servers are its nodes
-            can_get = getattr(self._client.connection_pool, "can_get_connection", None)
-            available = 1 if can_get is None or can_get() else 0
-            return available + (self._kept is not None)
+            pool = self._client.connection_pool
+            kept = self._kept is not None
+            if isinstance(pool, CountsHandedOut):
+                return pool.free_now() + kept
+            can_get = getattr(pool, "can_get_connection", None)  # a pool we did not make
+            return (1 if can_get is None or can_get() else 0) + kept
         return int(node.max_connections) - server.lanes
 
     def _start_lane(self, server: _Server) -> None:

@@ -23,6 +23,7 @@ from redis.asyncio.sentinel import (
 )
 
 from taskiq_redis.diagnostics import describe
+from taskiq_redis.pools import CountsHandedOut
 
 logger = logging.getLogger("taskiq.redis")
 
@@ -68,7 +69,7 @@ class AsksOnReconnectSSL(AsksOnReconnect, SentinelManagedSSLConnection):
     """The same over TLS."""
 
 
-class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+class BlockingSentinelPool(CountsHandedOut, SentinelConnectionPool, BlockingConnectionPool):
     """The sentinel's primary pool, waiting for a free connection as the single-node pool does.
 
     redis-py's SentinelConnectionPool raises "Too many connections" once ``max_connections``
@@ -82,6 +83,7 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         kwargs.setdefault("connection_class", AsksOnReconnectSSL if secure else AsksOnReconnect)
         # Every connection the pool made, idle or in use, for the primary watch to check.
         self.made_connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.handed_out = set()
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
 
     def make_connection(self) -> Any:
