@@ -224,10 +224,11 @@ def _dashboard(args: argparse.Namespace) -> int:
     try:
         from taskiq_redis import dashboard
     except ImportError as error:
-        if error.name not in DASHBOARD_PACKAGES:
+        missing = (error.name or "").split(".")[0]
+        if missing not in DASHBOARD_PACKAGES:
             raise
         print(
-            f"taskiq-redis: the dashboard needs {error.name}, which is not installed: "
+            f"taskiq-redis: the dashboard needs {missing}, which is not installed: "
             "pip install 'taskiq-redis[dashboard]'",
             file=sys.stderr,
         )
