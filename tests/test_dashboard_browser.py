@@ -19,7 +19,11 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -67,8 +71,8 @@ async def until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> A
     while time.monotonic() < deadline:
         try:
             last = check()
-        except NoSuchElementException as error:
-            last = error
+        except (NoSuchElementException, StaleElementReferenceException) as error:
+            last = error  # not there yet, or replaced by a refresh while it was read
         else:
             if last:
                 return last
@@ -207,7 +211,8 @@ async def test_mounted_under_a_path_its_links_refresh_and_actions_stay_there(
         assert browser.current_url.startswith(f"{dashboard.url}/queues/{queue}?outcome=")
         for name, path in (("Schedules", "/schedules"), ("Scripts", "/scripts"), ("Queues", "/")):
             browser.find_element(By.LINK_TEXT, name).click()
-            await until(lambda p=path: browser.current_url == dashboard.url + p, name)
+            wanted = dashboard.url + path
+            await until(lambda: browser.current_url == wanted, name)  # noqa: B023
             assert browser.find_element(By.TAG_NAME, "h1").text == name
 
 
