@@ -351,6 +351,8 @@ class Monitor:
         rows = await conn.execute(
             "ZRANGE", keys.delayed_key(name), 0, PAGE_ENTRIES - 1, "WITHSCORES"
         )
+        if rows and not isinstance(rows[0], list | tuple):  # redis-py 7 leaves the reply flat
+            rows = list(zip(rows[::2], rows[1::2], strict=True))
         entries = []
         for member, score in rows:
             raw = member if isinstance(member, bytes) else str(member).encode()
