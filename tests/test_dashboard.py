@@ -224,6 +224,7 @@ async def test_actions_are_refused_unless_allowed_and_with_the_token(
     assert f"Requeue failed: no queue &#x27;nothing{unique}&#x27;" in failed.text
 
 
+@pytest.mark.filterwarnings("ignore:RedisScheduleSource is deprecated")
 async def test_schedules_of_both_sources_with_their_next_run(
     topology: Topology, board: Any, unique: str
 ) -> None:
