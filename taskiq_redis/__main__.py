@@ -7,6 +7,8 @@
 - ``dead-letters list|requeue|purge QUEUE [ID ...]``: see, move back or delete a queue's dead
   letters, all of them, the oldest N, or those named by entry id.
 - ``scripts list|show|load|check|manifest``: the Lua scripts.
+- ``dashboard``: the same views (and the dead-letter actions, with ``--allow-actions``) in a web
+  page, with Prometheus metrics; needs the ``dashboard`` extra (``docs/dashboard.md``).
 
 Failures print one line to stderr and exit 1 (the server or the data) or 2 (bad usage), never
 a traceback; ``docs/operations.md`` says what each command prints and exits with.
@@ -191,7 +193,80 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     script_commands.add_parser("load", parents=[server], help="SCRIPT LOAD every script")
     script_commands.add_parser("check", parents=[server], help="which are loaded")
+
+    board = groups.add_parser(
+        "dashboard",
+        parents=[server],
+        help="a web page of queues, dead letters, schedules and scripts, and /metrics",
+        description="Serves the dashboard (pip install 'taskiq-redis[dashboard]'); read-only "
+        "unless --allow-actions. See docs/dashboard.md.",
+    )
+    board.add_argument("queue", nargs="*", help="queue names (default: found by scanning)")
+    board.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    board.add_argument("--port", type=_port, default=8080, help="port to listen on (8080)")
+    board.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="show the buttons that requeue and purge dead letters (default: read-only)",
+    )
+    board.add_argument(
+        "--schedule-prefix",
+        default="schedule",
+        help="the schedule sources' prefix (default: schedule, as theirs)",
+    )
+    board.add_argument(
+        "--refresh",
+        type=_whole,
+        default=3,
+        metavar="SECONDS",
+        help="seconds between two refreshes of the queues page (default 3)",
+    )
+    board.add_argument(
+        "--scan-limit",
+        type=_whole,
+        default=queues.DEFAULT_SCAN_LIMIT,
+        metavar="N",
+        help=f"keys a scan examines per primary and type (default {queues.DEFAULT_SCAN_LIMIT})",
+    )
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+# What the dashboard needs beyond the library: the packages of the ``dashboard`` extra.
+DASHBOARD_PACKAGES = ("starlette", "uvicorn")
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard until interrupted; one line and status 1 without the extra."""
+    try:
+        from taskiq_redis import dashboard
+    except ImportError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in DASHBOARD_PACKAGES:
+            raise
+        print(
+            f"taskiq-redis: the dashboard needs {missing}, which is not installed: "
+            "pip install 'taskiq-redis[dashboard]'",
+            file=sys.stderr,
+        )
+        return 1
+    app = dashboard.create_app(
+        url=args.url,
+        sentinels=args.sentinel,
+        master_name=args.master_name,
+        queue_names=args.queue,
+        allow_actions=args.allow_actions,
+        schedule_prefix=args.schedule_prefix,
+        refresh=args.refresh,
+        scan_limit=args.scan_limit,
+    )
+    dashboard.serve(app, args.host, args.port)
+    return 0
 
 
 async def _connect(args: argparse.Namespace) -> connection.RedisConnection:
@@ -433,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"--url: {problem}")
     if getattr(args, "ids", None) and args.limit is not None:
         return _usage_error(f"dead-letters {args.command}: give entry ids or --limit, not both")
+    if args.group == "dashboard":
+        return _dashboard(args)
     try:
         outcome = _run(args)
     except (TaskIQRedisError, RedisError, OSError, ValueError) as error:
