@@ -37,6 +37,7 @@ run: install
 # processes, each with servers of its own; TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 4
 test: install
+	bash tools/ensure-browser.sh
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
