@@ -72,6 +72,34 @@ local function take_entry(key, id)
     return 'cancelled'
 end
 
+-- A stream slice: the outcome for this task's entry in it ('cancelled' or 'taken'), or nil.
+local function look_through(key, entries)
+    for _, entry in ipairs(entries) do
+        local fields = entry[2]
+        -- taskiq's entries have the one field; the needle can only be in its value
+        local data = fields[1] == 'data' and fields[2] or nil
+        if not data then
+            for i = 1, #fields, 2 do
+                if fields[i] == 'data' then
+                    data = fields[i + 1]
+                end
+            end
+        end
+        if data and string.find(data, needle, 1, true) then
+            local outcome = take_entry(key, entry[1])
+            if outcome == 'cancelled' then
+                return outcome
+            end
+            -- delivered: held by a worker unless acknowledged and kept as a log
+            local pending = redis.call('XPENDING', key, group, entry[1], entry[1], 1)
+            if #pending > 0 then
+                return 'taken'
+            end
+        end
+    end
+    return nil
+end
+
 if phase == 0 then
     local where = redis.call('HGET', index, task_id)
     if where then
@@ -119,36 +147,37 @@ while phase <= levels + 1 and budget > 0 do
     else
         local key = KEYS[phase + 1]
         if kind == 'stream' then
-            local from = position == '' and '-' or ('(' .. position)
-            local entries = redis.call('XRANGE', key, from, '+', 'COUNT', budget)
-            for _, entry in ipairs(entries) do
-                local fields = entry[2]
-                -- taskiq's entries have the one field; the needle can only be in its value
-                local data = fields[1] == 'data' and fields[2] or nil
-                if not data then
-                    for i = 1, #fields, 2 do
-                        if fields[i] == 'data' then
-                            data = fields[i + 1]
-                        end
-                    end
+            -- from both ends at once, half a slice each, until they meet: a task is found
+            -- within half a scan of either end (new entries are added at the top, above where
+            -- the look from the top began: a task kicked after the look began is not its)
+            local low, high = string.match(position, '^(.-)|(.*)$')
+            low, high = low or '', high or ''
+            local half = math.max(1, math.floor(budget / 2))
+            local top = high == '' and '+' or ('(' .. high)
+            local up = redis.call('XRANGE', key, low == '' and '-' or ('(' .. low), top, 'COUNT', half)
+            local outcome = look_through(key, up)
+            if outcome then
+                return {outcome, 0, ''}
+            end
+            if #up > 0 then
+                low = up[#up][1]
+            end
+            local down = {}
+            if #up == half then
+                down = redis.call('XREVRANGE', key, top, '(' .. low, 'COUNT', half)
+                outcome = look_through(key, down)
+                if outcome then
+                    return {outcome, 0, ''}
                 end
-                if data and string.find(data, needle, 1, true) then
-                    local outcome = take_entry(key, entry[1])
-                    if outcome == 'cancelled' then
-                        return {outcome, 0, ''}
-                    end
-                    -- delivered: held by a worker unless acknowledged and kept as a log
-                    local pending = redis.call('XPENDING', key, group, entry[1], entry[1], 1)
-                    if #pending > 0 then
-                        return {'taken', 0, ''}
-                    end
+                if #down > 0 then
+                    high = down[#down][1]
                 end
             end
-            budget = budget - #entries
-            if #entries == 0 or budget > 0 then
+            budget = budget - #up - #down
+            if #up < half or #down < half then -- the two looks met: this level is done
                 phase, position = phase + 1, ''
             else
-                position = entries[#entries][1]
+                position = low .. '|' .. high
             end
         else
             -- from the head: pushes there move positions up (looked at twice, harmless), pops
