@@ -301,23 +301,6 @@ def _seconds(milliseconds: int) -> str:
     return f"{milliseconds / 1000:.1f}s"
 
 
-def _age(milliseconds: int | None) -> str:
-    """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units of an age."""
-    if milliseconds is None:
-        return "-"
-    seconds = milliseconds // 1000
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{seconds}s"
-    return f"{seconds}s"
-
-
 async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
     names, complete = list(args.queue), None
     warnings = []
@@ -417,7 +400,7 @@ async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namesp
     return Outcome(
         [
             f"{letter.id}  task {_or(letter.task_name)} {_or(letter.task_id)}  "
-            f"deliveries {_or(letter.deliveries)}  age {_age(letter.age_ms)}  "
+            f"deliveries {_or(letter.deliveries)}  age {queues.age_text(letter.age_ms)}  "
             f"from {_or(letter.stream)} {_or(letter.original_id)}  group {_or(letter.group)}  "
             f"reason: {_or(letter.reason)}"
             for letter in letters

@@ -133,6 +133,23 @@ class DeadLetter:
         return view
 
 
+def age_text(milliseconds: int | None) -> str:
+    """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units of an age; ``-`` unknown."""
+    if milliseconds is None:
+        return "-"
+    seconds = max(0, milliseconds) // 1000
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
 def _conn(target: RedisConnection | BaseRedisBroker) -> RedisConnection:
     return target.redis_connection if isinstance(target, BaseRedisBroker) else target
 

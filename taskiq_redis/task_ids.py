@@ -83,7 +83,7 @@ async def kick_unique(
 ) -> bool:
     """Queue (or delay) ``message`` unless its task id is already there; whether it went."""
     head = b"%s:%d:" % (task_id.encode().hex().encode(), level)
-    maxlen, mode = ("", "~") if not trim else (trim[-1], "~" if "~" in trim else "=")
+    maxlen, mode = maxlen_args(trim)
     added = await scripts.run(
         conn,
         scripts.get(ADD),
@@ -91,6 +91,11 @@ async def kick_unique(
         [queue.kind, task_id, level, delay_ms or 0, message, head, queue.group, maxlen, mode],
     )
     return bool(added)
+
+
+def maxlen_args(trim: tuple[Any, ...]) -> tuple[Any, str]:
+    """A stream kick's ``MAXLEN [~] n`` arguments as a script takes them: (n or '', '~' or '=')."""
+    return ("", "~") if not trim else (trim[-1], "~" if "~" in trim else "=")
 
 
 def needle(task_id: str) -> bytes:

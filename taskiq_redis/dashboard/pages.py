@@ -25,6 +25,7 @@ from taskiq_redis.dashboard.monitor import (
     ScheduleRow,
     rates,
 )
+from taskiq_redis.queues import age_text as age
 
 
 def e(value: object) -> str:
@@ -35,23 +36,6 @@ def e(value: object) -> str:
 def queue_path(name: str) -> str:
     """The queue page's path: the name percent-encoded, slashes and all."""
     return "/queues/" + quote(name, safe="")
-
-
-def age(milliseconds: int | None) -> str:
-    """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units, as the CLI prints ages."""
-    if milliseconds is None:
-        return "-"
-    seconds = max(0, milliseconds) // 1000
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{seconds}s"
-    return f"{seconds}s"
 
 
 def clock(at: datetime | float | None) -> str:

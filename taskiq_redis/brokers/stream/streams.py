@@ -20,7 +20,7 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from taskiq_redis import connection, keys, priorities, scripts
+from taskiq_redis import connection, keys, priorities, scripts, task_ids
 from taskiq_redis.brokers.stream.entries import DATA, Entry, text
 from taskiq_redis.diagnostics import describe
 
@@ -109,7 +109,7 @@ class Streams:
         if level == 0:
             await self._conn.execute("XADD", stream, *trim, "*", DATA, message)
             return
-        maxlen, mode = ("", "~") if not trim else (trim[-1], "~" if "~" in trim else "=")
+        maxlen, mode = task_ids.maxlen_args(trim)
         await scripts.run(self._conn, self._add, [stream], [self.group_name, maxlen, mode, message])
 
     async def create_group(self, stream: str, start: str) -> None:
