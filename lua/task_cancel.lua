@@ -1,16 +1,16 @@
 -- name: task_cancel
--- version: 1
--- purpose: take back a task that no worker has taken yet: find its message in the queue's
---          delayed set or at any priority level and delete it, so it never runs. A message kicked
---          as unique is found at once through the queue's unique index; any other is looked for,
---          a bounded slice per call, in the delayed set (newest due first) and then in each
---          level, by bytes that only its message holds (ARGV[3], e.g. '"task_id":"<id>"' for
---          taskiq's JSON messages). Finding and deleting are one atomic step: a stream entry
---          already delivered to a consumer of the group (held by a worker, or done) is never
---          deleted, and a worker reading at the same moment either got it first or never will.
---          Bounded: at most ARGV[7] messages looked at per call; the caller calls again from
---          where the last call stopped.
--- KEYS[1]: the queue's unique index ({queue}:unique)
+-- version: 2
+-- purpose: take back a task that no worker has taken yet: find its message in the queue's delayed
+--          set or at any priority level and delete it, so it never runs. A message kicked unique or
+--          cancellable is found at once through the queue's task index; any other is looked for, a
+--          bounded slice per call, in the delayed set (newest due first) and then in each level (a
+--          stream's after what the group was handed), by bytes only its message holds (ARGV[3],
+--          e.g. '"task_id":"<id>"' for taskiq's JSON messages). Finding and deleting are one atomic
+--          step: a stream entry already delivered to a consumer of the group (held by a worker, or
+--          done) is never deleted, and a worker reading at the same moment either got it first or
+--          never will. Bounded: at most ARGV[7] messages looked at per call; the caller calls again
+--          from where the last call stopped.
+-- KEYS[1]: the queue's task index ({queue}:unique)
 -- KEYS[2]: the queue's delayed set ({queue}:delayed)
 -- KEYS[3...]: the queue's keys by priority level: KEYS[3] is level 0 (the queue itself), ...
 -- ARGV[1]: 'stream' or 'list'
@@ -152,6 +152,10 @@ while phase <= levels + 1 and budget > 0 do
             -- the look from the top began: a task kicked after the look began is not its)
             local low, high = string.match(position, '^(.-)|(.*)$')
             low, high = low or '', high or ''
+            if position == '' then
+                -- what the group was handed is never deleted: the look starts after it
+                low = delivered_up_to(key) or ''
+            end
             local half = math.max(1, math.floor(budget / 2))
             local top = high == '' and '+' or ('(' .. high)
             local up = redis.call('XRANGE', key, low == '' and '-' or ('(' .. low), top, 'COUNT', half)

@@ -1,18 +1,22 @@
 """What the list and stream brokers do with a task by its id: unique kicks, and cancelling.
 
+**The task index.** A kick labelled ``unique`` or ``cancellable`` goes through ``task_add``,
+which records where its message went in ``{queue}:unique`` (task id -> place), so ``cancel``
+finds it at once however long the queue. A record whose message is gone (acknowledged,
+dead-lettered, cancelled, purged, trimmed, popped from a list) is stale and ignored; each
+recording kick sweeps two random records. Kicks without either label do not touch any of this.
+
 **Unique kicks.** A message labelled ``unique`` (``kicker().with_labels(unique=True)`` or
 ``@broker.task(unique=True)``) is dropped when a message of the same task id is already queued,
-delayed, or (stream) held by a worker and not yet acknowledged: ``task_unique_add`` checks and
-enqueues in one atomic step, and records where the message went in ``{queue}:unique``. An id is
-free again as soon as its message is gone, whatever ended it (acknowledged, dead-lettered,
-cancelled, purged, trimmed, popped from a list): the record of a message that is gone is stale
-and ignored. Kicks without the label do not touch any of this.
+delayed, or (stream) held by a worker and not yet acknowledged: ``task_add`` checks and enqueues
+in one atomic step.
 
 **Cancel.** ``task_cancel`` deletes a task's message if no worker has taken it yet: at once
-through the unique index for a unique message, else by looking, a bounded slice per script
-call, in the delayed set and every priority level for bytes only that message holds. taskiq's
-JSON formatter (its default) writes ``"task_id":"<id>"`` into every message; with another
-formatter only unique messages can be found. A queue that never cancels pays nothing.
+through the index for a recorded message, else by looking, a bounded slice per script call, in
+the delayed set and every priority level (a stream's after what its group was handed) for bytes
+only that message holds. taskiq's JSON formatter (its default) writes ``"task_id":"<id>"`` into
+every message; with another formatter only recorded messages can be found. A queue that never
+cancels pays nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from typing import Any, Literal
 from taskiq_redis import keys, scripts
 from taskiq_redis.connection import RedisConnection
 
-UNIQUE_LABEL = "unique"
-ADD, CANCEL = "task_unique_add", "task_cancel"
+UNIQUE_LABEL, CANCELLABLE_LABEL = "unique", "cancellable"
+ADD, CANCEL = "task_add", "task_cancel"
 # Messages one cancel call looks at: about 2 ms of the server's time for a stream.
 CANCEL_SLICE = 2000
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -35,9 +39,12 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 QueueKind = Literal["stream", "list"]
 
 
-def is_unique(labels: Mapping[str, Any]) -> bool:
-    """Whether the ``unique`` label asks for an idempotent kick (True, or a true-ish string)."""
-    value = labels.get(UNIQUE_LABEL)
+def label_is_set(labels: Mapping[str, Any], name: str) -> bool:
+    """Whether a yes/no label (``unique``, ``cancellable``) is set: True, or a true-ish string.
+
+    Labels may come back from a formatter as strings, so "true", "1", "yes" count as set.
+    """
+    value = labels.get(name)
     if value is None or value is False:
         return False
     if value is True:
@@ -47,7 +54,21 @@ def is_unique(labels: Mapping[str, Any]) -> bool:
         return text.strip().lower() in _TRUE
     if isinstance(value, int):
         return value != 0
-    raise ValueError(f"the {UNIQUE_LABEL} label must be true or false, got {value!r}")
+    raise ValueError(f"the {name} label must be true or false, got {value!r}")
+
+
+def is_unique(labels: Mapping[str, Any]) -> bool:
+    """Whether the kick is idempotent: dropped while a message of its task id waits."""
+    return label_is_set(labels, UNIQUE_LABEL)
+
+
+def is_recorded(labels: Mapping[str, Any]) -> bool:
+    """Whether the kick records its message in the task index (``unique`` or ``cancellable``).
+
+    Both labels are read, so a bad value of either is refused before anything is sent.
+    """
+    unique = is_unique(labels)
+    return label_is_set(labels, CANCELLABLE_LABEL) or unique
 
 
 def level_keys(queue: str, max_priority: int) -> list[str]:
@@ -72,7 +93,7 @@ class Queue:
         ]
 
 
-async def kick_unique(
+async def kick_recorded(
     conn: RedisConnection,
     queue: Queue,
     task_id: str,
@@ -80,15 +101,28 @@ async def kick_unique(
     level: int,
     delay_ms: int | None,
     trim: tuple[Any, ...] = (),
+    unique: bool = True,
 ) -> bool:
-    """Queue (or delay) ``message`` unless its task id is already there; whether it went."""
+    """Queue (or delay) ``message`` and record it in the task index; whether it went (a unique
+    kick is dropped when its task id's message is already there)."""
     head = b"%s:%d:" % (task_id.encode().hex().encode(), level)
     maxlen, mode = maxlen_args(trim)
     added = await scripts.run(
         conn,
         scripts.get(ADD),
         queue.script_keys(),
-        [queue.kind, task_id, level, delay_ms or 0, message, head, queue.group, maxlen, mode],
+        [
+            queue.kind,
+            task_id,
+            level,
+            delay_ms or 0,
+            message,
+            head,
+            queue.group,
+            maxlen,
+            mode,
+            1 if unique else 0,
+        ],
     )
     return bool(added)
 

@@ -79,7 +79,7 @@ async def use_every_script(url: str, unique: str) -> None:
     await kick(stream, delay=0.2)
     await kick(stream, priority=5, delay=0.2)  # stream_read over the level streams
     await kick(stream, priority=3)  # stream_add: the level's first message makes its stream
-    await kick(stream, priority=2, unique=True)  # task_unique_add
+    await kick(stream, priority=2, unique=True)  # task_add
     assert not await stream.cancel("not-there")  # task_cancel, looking everywhere
     listener = stream.listen()
     for _ in range(4):

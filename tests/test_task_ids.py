@@ -23,7 +23,7 @@ from taskiq import BrokerMessage
 from taskiq.kicker import AsyncKicker
 
 import taskiq_redis
-from taskiq_redis import delays, keys, task_ids
+from taskiq_redis import delays, keys, scripts, task_ids
 from tests.queue_kinds import KINDS, acked, body_of, broker_class, make_broker
 from tests.queue_kinds import message as queue_message
 from tests.servers import Topology
@@ -181,6 +181,91 @@ async def test_cancel_deletes_a_waiting_task_and_its_waiter_gets_the_error(
         await broker.shutdown()
 
 
+def count_cancel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one item per ``task_cancel`` script call: how much of the queue a
+    cancel had to look through, without timing it."""
+    calls: list[int] = []
+    real_run = scripts.run
+
+    async def counted(conn: Any, script: scripts.Script, *args: Any) -> Any:
+        if script.name == task_ids.CANCEL:
+            calls.append(1)
+        return await real_run(conn, script, *args)
+
+    monkeypatch.setattr(scripts, "run", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_cancellable_task_is_found_at_once_in_a_long_queue(
+    kind: str, topology: Topology, raw_redis: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labelled ``cancellable``, a task is recorded in the task index as it is kicked: cancel
+    takes one script call where an unlabelled one in the same place takes many (a slice of 7
+    messages per call), and a cancellable kick is never dropped as a duplicate."""
+    monkeypatch.setattr(task_ids, "CANCEL_SLICE", 7)
+    calls = count_cancel_calls(monkeypatch)
+    queue = f"recorded{kind}{unique}"
+    broker: Any = make_broker(kind, topology, queue)
+    await broker.startup()
+    try:
+        for number in range(60):
+            if number == 30:
+                await broker.kick(message("recorded", priority=1, cancellable=True))
+                await broker.kick(message("plain", priority=1))
+            await broker.kick(message(f"filler{number}"))
+        await broker.kick(message("twice", cancellable=True))
+        await broker.kick(message("twice", cancellable="true"))
+        await broker.kick(message("later", delay=60, cancellable=True))
+        before = await waiting(raw_redis, kind, queue)
+        assert before == 64  # nothing dropped
+
+        assert await broker.cancel("recorded")
+        assert len(calls) == 1
+        calls.clear()
+        assert await broker.cancel("plain")  # the same place, found by looking
+        assert len(calls) > 3
+        calls.clear()
+        assert await broker.cancel("later")
+        assert len(calls) == 1
+        assert await raw_redis.zcard(keys.delayed_key(queue)) == 0
+        assert await broker.cancel("twice")
+        assert await waiting(raw_redis, kind, queue) == before - 3
+        leftover = [body_of(received) async for received in receive_all(broker, before - 3)]
+        assert sorted(leftover) == sorted([f"filler{number}" for number in range(60)] + ["twice"])
+    finally:
+        await broker.shutdown()
+
+
+async def test_a_stream_look_starts_after_what_the_group_was_handed(
+    topology: Topology, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries the group was handed can never be cancelled, so the look skips them: a task
+    kicked after 40 entries a worker holds, with 40 more after it, is found in one call."""
+    monkeypatch.setattr(task_ids, "CANCEL_SLICE", 7)
+    calls = count_cancel_calls(monkeypatch)
+    queue = f"handed{unique}"
+    broker: Any = make_broker("stream", topology, queue, xread_count=40)
+    await broker.startup()
+    try:
+        for number in range(40):
+            await broker.kick(message(f"held{number}"))
+        held = []
+        listener = broker.listen()
+        for _ in range(40):  # handed over, never acknowledged: held
+            held.append(await asyncio.wait_for(anext(listener), PATIENCE))
+        await broker.kick(message("target"))
+        for number in range(40):
+            await broker.kick(message(f"after{number}"))
+        assert await broker.cancel("target")
+        assert len(calls) == 1
+        calls.clear()
+        assert not await broker.cancel("held3")  # a worker holds it
+        await listener.aclose()
+    finally:
+        await broker.shutdown()
+
+
 async def receive_all(broker: Any, count: int) -> Any:
     listener = broker.listen()
     try:
@@ -214,6 +299,8 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
         # race a worker's pop are not all dropped there (a stream holds it until acknowledged).
         handles = await asyncio.gather(*(kicker(f"one{unique}").kiq(7) for _ in range(50)))
         later = await kicker(f"later{unique}").with_labels(delay=3).kiq(2)
+        recorded = AsyncKicker(TASK, producer, {"cancellable": True, "delay": 3})
+        await recorded.with_task_id(f"recorded{unique}").kiq(3)
         with WorkerProcess("tests.apps.task_ids_app:broker", config=config) as worker:
             worker.wait_ready()
             results = await asyncio.gather(
@@ -221,6 +308,7 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
             )
             assert [result.return_value for result in results] == [7] * 50
             cancelled = await producer.cancel(f"later{unique}")  # delayed, not due yet
+            cancelled_too = await producer.cancel(f"recorded{unique}")
             busy = await kicker(f"busy{unique}").kiq(1, 1.0)
             await asyncio.to_thread(worker.wait_for_line, "ran 1")
             running = await producer.cancel(f"busy{unique}")
@@ -231,7 +319,9 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
             log = worker.output()
         assert len(re.findall(r"\bran 7\b", log)) == 1, log
         assert "ran 2" not in log, log
+        assert "ran 3" not in log, log
         assert cancelled
+        assert cancelled_too
         assert not running
         assert not done
         assert result.is_err

@@ -218,8 +218,8 @@ class BaseRedisBroker(connection.HasConnection, AsyncBroker):
 class QueueBroker(BaseRedisBroker):
     """The list and stream brokers: queues a task waits in, so it can be found by its id.
 
-    Unique kicks and :meth:`cancel` (see :mod:`taskiq_redis.task_ids`) are written once here
-    for both; each broker says what its queues are (:meth:`task_queue`).
+    Unique and cancellable kicks and :meth:`cancel` (see :mod:`taskiq_redis.task_ids`) are
+    written once here for both; each broker says what its queues are (:meth:`task_queue`).
     """
 
     max_priority: int
@@ -228,14 +228,16 @@ class QueueBroker(BaseRedisBroker):
         """The queue ``queue_name`` (the broker's own by default), as the scripts see it."""
         raise NotImplementedError
 
-    async def kick_unique(
+    async def kick_recorded(
         self, message: BrokerMessage, level: int, trim: tuple[Any, ...] = ()
     ) -> None:
-        """Queue or delay a message labelled ``unique``, unless its task id already waits."""
+        """Queue or delay a message labelled ``unique`` or ``cancellable``, recorded in the task
+        index; a unique one only unless its task id already waits."""
         queue = self.task_queue(self.queue_of(message))
         delay = delays.delay_ms(message.labels)
-        added = await task_ids.kick_unique(
-            self._conn, queue, message.task_id, message.message, level, delay, trim
+        unique = task_ids.is_unique(message.labels)
+        added = await task_ids.kick_recorded(
+            self._conn, queue, message.task_id, message.message, level, delay, trim, unique
         )
         if not added:
             logger.info(

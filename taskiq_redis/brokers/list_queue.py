@@ -98,8 +98,8 @@ class BaseListQueueBroker(QueueBroker):
         """
         queue = self.queue_of(message)
         level = priorities.level_of(message.labels, self.max_priority)
-        if task_ids.is_unique(message.labels):
-            await self.kick_unique(message, level)
+        if task_ids.is_recorded(message.labels):
+            await self.kick_recorded(message, level)
             return
         if await delays.defer(self._conn, queue, message, level):
             return

@@ -1,15 +1,16 @@
--- name: task_unique_add
+-- name: task_add
 -- version: 1
--- purpose: queue or delay a message labelled unique, unless a message of the same task id is
---          already queued, delayed, or (stream) held by a worker and not yet acknowledged. The
---          check and the enqueue are one atomic step, so any number of kicks of one id at once
---          leave exactly one message. The queue's unique index says where each unique message
---          went; an entry whose message is gone (acknowledged, dead-lettered, cancelled, purged,
---          trimmed, popped from a list) is stale and frees its id. Each call also looks at two
---          random entries of the index and deletes them if stale, so the index does not grow
---          with ids never kicked again. Bounded: one lookup (an LPOS over a list queue's level
---          for a list message), two for the sweep.
--- KEYS[1]: the queue's unique index ({queue}:unique, a hash: task id -> where its message is:
+-- purpose: queue or delay a message and record where it went in the queue's task index, so
+--          cancel finds it at once however long the queue. For a unique kick (ARGV[10] '1'),
+--          only unless a message of the same task id is already queued, delayed, or (stream)
+--          held by a worker and not yet acknowledged: the check and the enqueue are one atomic
+--          step, so any number of kicks of one id at once leave exactly one message. A record
+--          whose message is gone (acknowledged, dead-lettered, cancelled, purged, trimmed,
+--          popped from a list) is stale and frees its id. Each call also looks at two random
+--          records and deletes them if stale, so the index does not grow with ids never kicked
+--          again. Bounded: one lookup (an LPOS over a list queue's level for a list message),
+--          two for the sweep.
+-- KEYS[1]: the queue's task index ({queue}:unique, a hash: task id -> where its message is:
 --          'd:<delayed member>', 's:<level>:<entry id>' or 'l:<level>:<message>')
 -- KEYS[2]: the queue's delayed set ({queue}:delayed)
 -- KEYS[3...]: the queue's keys by priority level: KEYS[3] is level 0 (the queue itself), ...
@@ -22,17 +23,18 @@
 -- ARGV[7]: for a stream, the consumer group a new level stream is created with
 -- ARGV[8]: for a stream, the MAXLEN to trim to ('' for none)
 -- ARGV[9]: for a stream, '~' to trim approximately, '=' exactly
+-- ARGV[10]: '1' for a unique kick (dropped if its id's message is there), '0' to only record
 -- returns: 1 when the message was queued or delayed, 0 when it was dropped as a duplicate
 
 local index, delayed = KEYS[1], KEYS[2]
 local kind, task_id, level = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local delay, message = tonumber(ARGV[4]), ARGV[5]
 if kind ~= 'stream' and kind ~= 'list' then
-    return redis.error_reply('task_unique_add: the queue kind must be stream or list')
+    return redis.error_reply('task_add: the queue kind must be stream or list')
 end
 local target = KEYS[level + 3]
 if not target then
-    return redis.error_reply('task_unique_add: no key given for priority level ' .. ARGV[3])
+    return redis.error_reply('task_add: no key given for priority level ' .. ARGV[3])
 end
 
 local function present(where)
@@ -65,7 +67,7 @@ for i = 1, #sample, 2 do
     end
 end
 
-if present(redis.call('HGET', index, task_id)) then
+if ARGV[10] == '1' and present(redis.call('HGET', index, task_id)) then
     return 0
 end
 
