@@ -299,7 +299,7 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
         # race a worker's pop are not all dropped there (a stream holds it until acknowledged).
         handles = await asyncio.gather(*(kicker(f"one{unique}").kiq(7) for _ in range(50)))
         later = await kicker(f"later{unique}").with_labels(delay=3).kiq(2)
-        recorded = AsyncKicker(TASK, producer, {"cancellable": True, "delay": 3})
+        recorded: Any = AsyncKicker(TASK, producer, {"cancellable": True, "delay": 3})
         await recorded.with_task_id(f"recorded{unique}").kiq(3)
         with WorkerProcess("tests.apps.task_ids_app:broker", config=config) as worker:
             worker.wait_ready()
