@@ -2,11 +2,15 @@
 
 ``make bench`` runs it after the others: ``.venv/bin/python bench/cancel.py`` (``--size 10000``
 for a smoke run). It starts its own redis-server, fills a stream queue and a list queue with
-``--size`` taskiq messages each (the JSON formatter's, as ``kiq()`` sends them), and cancels
-the last one kicked, which the look reaches last (the worst case), then one in the middle and
-one that is not there (every message looked at). For each it reports the wall time of the
-cancel, the number of script calls, and the longest single command Redis ran (SLOWLOG, which
-times each script call as one command). Every round refills the queue.
+``--size`` taskiq messages each (as ``kiq()`` writes them), and cancels
+the last one kicked, then one in the middle and one that is not there (every message looked
+at; the worst case), and one in the middle kicked with the ``cancellable`` label (found through
+the task index). For each it reports the wall time of the cancel, the number of script calls,
+and the longest single command Redis ran (SLOWLOG, which times each script call as one
+command). Every round refills the queue.
+
+Then what the label costs a kick: plain and ``cancellable`` kicks through the broker, 50 at a
+time, alternating rounds, as kicks per second and their ratio.
 """
 
 from __future__ import annotations
@@ -24,24 +28,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-async def fill(url: str, kind: str, queue: str, size: int) -> list[str]:
-    """``size`` messages in ``queue``, as the broker's kick writes them; their task ids."""
+def broker_message(task_id: str, number: int, **labels: Any) -> Any:
+    """A taskiq message as ``kiq()`` makes it (a broker's default formatter)."""
+    from taskiq import InMemoryBroker, TaskiqMessage
+
+    task = TaskiqMessage(
+        task_id=task_id, task_name="bench:add", labels=labels, args=[number, 1], kwargs={}
+    )
+    return InMemoryBroker().formatter.dumps(task)
+
+
+async def fill(url: str, kind: str, queue: str, size: int, broker: Any) -> list[str]:
+    """``size`` messages in ``queue``, as the broker's kick writes them; their task ids. The one
+    in the middle goes through ``broker`` with the ``cancellable`` label; its id is last."""
     from redis.asyncio import Redis
-    from taskiq import TaskiqMessage
-    from taskiq.formatters.json_formatter import JSONFormatter
 
     client = Redis.from_url(url)
-    formatter = JSONFormatter()
     ids: list[str] = []
+    recorded = uuid.uuid4().hex
     pipe = client.pipeline(transaction=False)
     for number in range(size):
+        if number == size // 2:
+            await pipe.execute()
+            await broker.kick(broker_message(recorded, number, cancellable=True))
+            pipe = client.pipeline(transaction=False)
         task_id = uuid.uuid4().hex
         ids.append(task_id)
-        data = formatter.dumps(
-            TaskiqMessage(
-                task_id=task_id, task_name="bench:add", labels={}, args=[number, 1], kwargs={}
-            )
-        ).message
+        data = broker_message(task_id, number).message
         if kind == "stream":
             pipe.xadd(queue, {"data": data})
         else:
@@ -51,7 +64,7 @@ async def fill(url: str, kind: str, queue: str, size: int) -> list[str]:
             pipe = client.pipeline(transaction=False)
     await pipe.execute()
     await client.aclose()
-    return ids
+    return [*ids, recorded]
 
 
 async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]:
@@ -64,6 +77,7 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
         "last": [],
         "middle": [],
         "absent": [],
+        "recorded": [],
     }
     for round_no in range(rounds):
         queue = f"cancel-{kind}-{round_no}"
@@ -73,11 +87,15 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
             else taskiq_redis.ListQueueBroker(url, queue_name=queue)
         )
         await broker.startup()
-        ids = await fill(url, kind, queue, size)
-        # The list broker's workers pop the oldest (the tail); the look starts at the head, where
-        # the newest are: its worst case is the oldest message.
+        *ids, recorded = await fill(url, kind, queue, size, broker)
+        # a list is looked through from its head (the newest): its worst case is the oldest
         last = ids[-1] if kind == "stream" else ids[0]
-        for name, task_id in (("last", last), ("middle", ids[size // 2]), ("absent", "nope")):
+        for name, task_id in (
+            ("last", last),
+            ("middle", ids[size // 2]),
+            ("absent", "nope"),
+            ("recorded", recorded),
+        ):
             await client.config_set("slowlog-max-len", 1024)
             await client.config_set("slowlog-log-slower-than", 0)
             await client.slowlog_reset()
@@ -104,10 +122,40 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
     }
 
 
+async def kick_cost(url: str, kind: str, kicks: int, rounds: int) -> tuple[float, float]:
+    """Kicks per second through the broker, 50 at a time: plain, and labelled cancellable
+    (best of ``rounds``, the two alternating)."""
+    import taskiq_redis
+
+    best = {False: 0.0, True: 0.0}
+    for round_no in range(rounds):
+        for labelled in (False, True):
+            queue = f"kicks-{kind}-{round_no}-{labelled}"
+            broker: Any = (
+                taskiq_redis.RedisStreamBroker(url, queue_name=queue)
+                if kind == "stream"
+                else taskiq_redis.ListQueueBroker(url, queue_name=queue)
+            )
+            await broker.startup()
+            labels = {"cancellable": True} if labelled else {}
+            messages = [broker_message(uuid.uuid4().hex, n, **labels) for n in range(kicks)]
+
+            async def kick_share(share: list[Any], broker: Any = broker) -> None:
+                for message in share:
+                    await broker.kick(message)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(kick_share(messages[i::50]) for i in range(50)))
+            best[labelled] = max(best[labelled], kicks / (time.perf_counter() - started))
+            await broker.shutdown()
+    return best[False], best[True]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=100_000, help="messages in the queue")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kicks", type=int, default=20_000, help="kicks per kick-cost round")
     args = parser.parse_args()
     from run import redis_server
 
@@ -123,6 +171,11 @@ def main() -> None:
                     f"{kind:8}{name:8}{row['wall_ms']:>10.1f}{row['redis_ms']:>10.1f}"
                     f"{row['calls']:>7}{row['longest_call_ms']:>17.2f}  {row['cancelled']}"
                 )
+        print(f"\nkicks per second through the broker, 50 at a time (best of {args.rounds}):")
+        print(f"{'queue':8}{'plain':>10}{'cancellable':>13}{'ratio':>8}")
+        for kind in ("stream", "list"):
+            plain, labelled = asyncio.run(kick_cost(url, kind, args.kicks, args.rounds))
+            print(f"{kind:8}{plain:>10.0f}{labelled:>13.0f}{labelled / plain:>8.2f}")
 
 
 if __name__ == "__main__":

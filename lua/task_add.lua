@@ -6,10 +6,10 @@
 --          held by a worker and not yet acknowledged: the check and the enqueue are one atomic
 --          step, so any number of kicks of one id at once leave exactly one message. A record
 --          whose message is gone (acknowledged, dead-lettered, cancelled, purged, trimmed,
---          popped from a list) is stale and frees its id. Each call also looks at two random
---          records and deletes them if stale, so the index does not grow with ids never kicked
---          again. Bounded: one lookup (an LPOS over a list queue's level for a list message),
---          two for the sweep.
+--          popped from a list) is stale and frees its id. An index with well over twice as many
+--          records as the queue has messages is swept: four random records, deleted if stale,
+--          so it does not grow with ids never kicked again. Bounded: one lookup (an LPOS over a
+--          list queue's level for a list message), four for a sweep.
 -- KEYS[1]: the queue's task index ({queue}:unique, a hash: task id -> where its message is:
 --          'd:<delayed member>', 's:<level>:<entry id>' or 'l:<level>:<message>')
 -- KEYS[2]: the queue's delayed set ({queue}:delayed)
@@ -27,6 +27,7 @@
 -- returns: 1 when the message was queued or delayed, 0 when it was dropped as a duplicate
 
 local index, delayed = KEYS[1], KEYS[2]
+local SWEEP_FLOOR = 64
 local kind, task_id, level = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local delay, message = tonumber(ARGV[4]), ARGV[5]
 if kind ~= 'stream' and kind ~= 'list' then
@@ -60,10 +61,22 @@ local function present(where)
     return redis.call('LPOS', key, what) ~= false
 end
 
-local sample = redis.call('HRANDFIELD', index, 2, 'WITHVALUES')
-for i = 1, #sample, 2 do
-    if sample[i] ~= task_id and not present(sample[i + 1]) then
-        redis.call('HDEL', index, sample[i])
+-- The sweep: only an index holding well over twice the messages the queue holds (so most of
+-- its records are stale) looks at four random records and deletes the stale ones; that removes
+-- more than the one record a kick adds, so the index stays within about twice the queue.
+local records = redis.call('HLEN', index)
+if records > SWEEP_FLOOR then
+    local messages = redis.call('ZCARD', delayed)
+    for i = 3, #KEYS do
+        messages = messages + redis.call(kind == 'stream' and 'XLEN' or 'LLEN', KEYS[i])
+    end
+    if records > 2 * messages + SWEEP_FLOOR then
+        local sample = redis.call('HRANDFIELD', index, 4, 'WITHVALUES')
+        for i = 1, #sample, 2 do
+            if sample[i] ~= task_id and not present(sample[i + 1]) then
+                redis.call('HDEL', index, sample[i])
+            end
+        end
     end
 end
 

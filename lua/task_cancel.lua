@@ -4,30 +4,55 @@
 --          set or at any priority level and delete it, so it never runs. A message kicked unique or
 --          cancellable is found at once through the queue's task index; any other is looked for, a
 --          bounded slice per call, in the delayed set (newest due first) and then in each level (a
---          stream's after what the group was handed), by bytes only its message holds (ARGV[3],
---          e.g. '"task_id":"<id>"' for taskiq's JSON messages). Finding and deleting are one atomic
---          step: a stream entry already delivered to a consumer of the group (held by a worker, or
---          done) is never deleted, and a worker reading at the same moment either got it first or
---          never will. Bounded: at most ARGV[7] messages looked at per call; the caller calls again
---          from where the last call stopped.
+--          stream's after what the group was handed), by its task id as taskiq's JSON writes it
+--          ('"task_id":"<id>"' or '"task_id": "<id>"'). Finding and deleting are one atomic step: a
+--          stream entry already delivered to a consumer of the group (held by a worker, or done) is
+--          never deleted, and a worker reading at the same moment either got it first or never
+--          will. Bounded: at most ARGV[7] messages looked at per call; the caller calls again from
+--          where the last call stopped.
 -- KEYS[1]: the queue's task index ({queue}:unique)
 -- KEYS[2]: the queue's delayed set ({queue}:delayed)
 -- KEYS[3...]: the queue's keys by priority level: KEYS[3] is level 0 (the queue itself), ...
 -- ARGV[1]: 'stream' or 'list'
 -- ARGV[2]: the task id
--- ARGV[3]: the bytes that only this task's message holds
+-- ARGV[3]: the task id as a JSON string, quotes included ("<id>")
 -- ARGV[4]: for a stream, the consumer group whose delivery decides "taken"
 -- ARGV[5]: the phase to go on with: 0 the index, 1 the delayed set, 2 + n level n
 -- ARGV[6]: where in that phase ('' from its start)
 -- ARGV[7]: the most messages to look at in this call
 -- ARGV[8]: a mark no message holds (a random token), put where a list message is removed
+-- ARGV[9]: the task id as a JSON string written another way (non-ASCII kept, not escaped), or ''
 -- returns: {outcome, phase, position}: outcome 'cancelled' (deleted), 'taken' (a worker holds
 --          it or ran it), 'more' (not found yet: call again with phase and position) or 'none'
 
 local index, delayed = KEYS[1], KEYS[2]
-local kind, task_id, needle, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local kind, task_id, group = ARGV[1], ARGV[2], ARGV[4]
+local quoted = {ARGV[3]}
+if ARGV[9] and ARGV[9] ~= '' and ARGV[9] ~= ARGV[3] then
+    quoted[2] = ARGV[9]
+end
 local phase, position, budget = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local levels = #KEYS - 2
+
+-- Whether a message is this task's: the quoted id right after "task_id": (taskiq's JSON, with
+-- or without a space after the colon, as its formatters write it). The id alone is looked for,
+-- so one plain search a message; the rare hit elsewhere (an argument) is told apart here.
+local function holds(data)
+    for _, form in ipairs(quoted) do
+        local from = 1
+        while true do
+            local at = string.find(data, form, from, true)
+            if not at then
+                break
+            end
+            if string.find(string.sub(data, math.max(1, at - 12), at - 1), '"task_id":%s?$') then
+                return true
+            end
+            from = at + 1
+        end
+    end
+    return false
+end
 
 local function id_parts(id)
     local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -76,7 +101,7 @@ end
 local function look_through(key, entries)
     for _, entry in ipairs(entries) do
         local fields = entry[2]
-        -- taskiq's entries have the one field; the needle can only be in its value
+        -- taskiq's entries have the one field; the id can only be in its value
         local data = fields[1] == 'data' and fields[2] or nil
         if not data then
             for i = 1, #fields, 2 do
@@ -85,7 +110,7 @@ local function look_through(key, entries)
                 end
             end
         end
-        if data and string.find(data, needle, 1, true) then
+        if data and holds(data) then
             local outcome = take_entry(key, entry[1])
             if outcome == 'cancelled' then
                 return outcome
@@ -132,7 +157,7 @@ while phase <= levels + 1 and budget > 0 do
         local start = tonumber(position) or 0
         local members = redis.call('ZREVRANGE', delayed, start, start + budget - 1)
         for _, member in ipairs(members) do
-            if string.find(member, needle, 1, true) then
+            if holds(member) then
                 redis.call('ZREM', delayed, member)
                 redis.call('HDEL', index, task_id)
                 return {'cancelled', 0, ''}
@@ -189,7 +214,7 @@ while phase <= levels + 1 and budget > 0 do
             local start = tonumber(position) or 0
             local messages = redis.call('LRANGE', key, start, start + budget - 1)
             for offset, message in ipairs(messages) do
-                if string.find(message, needle, 1, true) then
+                if holds(message) then
                     -- removed where it is: marked, then the mark removed from the nearer end
                     -- (an LREM of the message itself would walk the list from the head)
                     local at = start + offset - 1

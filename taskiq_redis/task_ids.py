@@ -1,10 +1,11 @@
 """What the list and stream brokers do with a task by its id: unique kicks, and cancelling.
 
-**The task index.** A kick labelled ``unique`` or ``cancellable`` goes through ``task_add``,
-which records where its message went in ``{queue}:unique`` (task id -> place), so ``cancel``
-finds it at once however long the queue. A record whose message is gone (acknowledged,
-dead-lettered, cancelled, purged, trimmed, popped from a list) is stale and ignored; each
-recording kick sweeps two random records. Kicks without either label do not touch any of this.
+**The task index.** A kick labelled ``unique``, or ``cancellable`` in a stream queue, goes
+through ``task_add``, which records where its message went in ``{queue}:unique`` (task id ->
+place), so ``cancel`` finds it at once however long the queue. A record whose message is gone
+(acknowledged, dead-lettered, cancelled, purged, trimmed, popped from a list) is stale and
+ignored; an index with well over twice as many records as the queue has messages is swept as
+kicks come. Kicks without either label do not touch any of this.
 
 **Unique kicks.** A message labelled ``unique`` (``kicker().with_labels(unique=True)`` or
 ``@broker.task(unique=True)``) is dropped when a message of the same task id is already queued,
@@ -14,9 +15,9 @@ in one atomic step.
 **Cancel.** ``task_cancel`` deletes a task's message if no worker has taken it yet: at once
 through the index for a recorded message, else by looking, a bounded slice per script call, in
 the delayed set and every priority level (a stream's after what its group was handed) for bytes
-only that message holds. taskiq's JSON formatter (its default) writes ``"task_id":"<id>"`` into
-every message; with another formatter only recorded messages can be found. A queue that never
-cancels pays nothing.
+only that message holds: its task id after ``"task_id":``, as taskiq's JSON (its default
+format, with or without a space after the colon) writes it. With another formatter only
+recorded messages can be found. A queue that never cancels pays nothing.
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ def is_unique(labels: Mapping[str, Any]) -> bool:
     return label_is_set(labels, UNIQUE_LABEL)
 
 
-def is_recorded(labels: Mapping[str, Any]) -> bool:
-    """Whether the kick records its message in the task index (``unique`` or ``cancellable``).
-
-    Both labels are read, so a bad value of either is refused before anything is sent.
+def is_recorded(labels: Mapping[str, Any], kind: QueueKind) -> bool:
+    """Whether the kick records its message in the task index: a unique one always, a
+    cancellable one in a stream queue. A list queue is looked through twice as fast as a stream
+    (a list message is one string to Lua, a stream entry three and two tables), within 100 ms
+    for 100,000 messages, so a cancellable list kick stays a plain LPUSH; a bad value of the
+    label is refused all the same, before anything is sent.
     """
-    unique = is_unique(labels)
-    return label_is_set(labels, CANCELLABLE_LABEL) or unique
+    cancellable = label_is_set(labels, CANCELLABLE_LABEL)
+    return is_unique(labels) or (cancellable and kind == "stream")
 
 
 def level_keys(queue: str, max_priority: int) -> list[str]:
@@ -132,9 +135,10 @@ def maxlen_args(trim: tuple[Any, ...]) -> tuple[Any, str]:
     return ("", "~") if not trim else (trim[-1], "~" if "~" in trim else "=")
 
 
-def needle(task_id: str) -> bytes:
-    """The bytes that only a taskiq JSON message of ``task_id`` holds."""
-    return b'"task_id":' + json.dumps(task_id).encode()
+def quoted_ids(task_id: str) -> tuple[bytes, bytes]:
+    """The task id as taskiq's JSON formatters write it, quotes included: escaped to ASCII
+    (``json.dumps``, its serializer's way) and as UTF-8 (pydantic's), the same for an ASCII id."""
+    return json.dumps(task_id).encode(), json.dumps(task_id, ensure_ascii=False).encode()
 
 
 async def cancel(conn: RedisConnection, queue: Queue, task_id: str) -> bool:
@@ -143,6 +147,7 @@ async def cancel(conn: RedisConnection, queue: Queue, task_id: str) -> bool:
     script = scripts.get(CANCEL)
     script_keys = queue.script_keys()
     mark = f"taskiq-redis cancel mark {uuid.uuid4().hex}"
+    escaped, unescaped = quoted_ids(task_id)
     phase, position = 0, ""
     while True:
         outcome, phase, position = await scripts.run(
@@ -152,12 +157,13 @@ async def cancel(conn: RedisConnection, queue: Queue, task_id: str) -> bool:
             [
                 queue.kind,
                 task_id,
-                needle(task_id),
+                escaped,
                 queue.group,
                 phase,
                 position,
                 CANCEL_SLICE,
                 mark,
+                unescaped,
             ],
         )
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)

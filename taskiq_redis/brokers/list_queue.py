@@ -98,7 +98,7 @@ class BaseListQueueBroker(QueueBroker):
         """
         queue = self.queue_of(message)
         level = priorities.level_of(message.labels, self.max_priority)
-        if task_ids.is_recorded(message.labels):
+        if task_ids.is_recorded(message.labels, "list"):
             await self.kick_recorded(message, level)
             return
         if await delays.defer(self._conn, queue, message, level):

@@ -192,7 +192,7 @@ class BaseStreamBroker(QueueBroker):
         """
         queue = self.queue_of(message)
         level = priorities.level_of(message.labels, self.max_priority)
-        if task_ids.is_recorded(message.labels):
+        if task_ids.is_recorded(message.labels, "stream"):
             await self.kick_recorded(message, level, self._trim)
             return
         if await delays.defer(self._conn, queue, message, level):
