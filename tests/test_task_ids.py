@@ -8,12 +8,15 @@
   a task a worker holds, ran, or that is unknown gives False.
 - Through a real ``taskiq worker``: 50 concurrent unique kicks, one run, every handle gets the
   result; a cancelled task never runs and its waiter returns at once.
+- Races with a real worker: cancels while it drains (each task cancelled or run, once), and
+  unique kicks while it runs and acknowledges the task (never a second copy queued).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import subprocess
 import sys
@@ -370,6 +373,97 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
         assert not done
         assert result.is_err
         assert "was cancelled" in str(result.error)
+    finally:
+        await producer.shutdown()
+
+
+def worker_config_for(kind: str, topology: Topology, queue: str) -> dict[str, Any]:
+    return {
+        "broker": broker_class(kind, topology),
+        "broker_kwargs": {**topology.kwargs(), "queue_name": queue},
+        "backend": backend_class(topology),
+        "backend_kwargs": topology.kwargs(url_param="redis_url")
+        if topology.name != "sentinel"
+        else topology.kwargs(),
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_cancels_racing_a_worker_cancel_or_run_each_task_once(
+    kind: str, topology: Topology, unique: str
+) -> None:
+    """120 tasks (every other one labelled cancellable) and a worker draining them while each
+    is cancelled, in shuffled order: every task either ran once and its cancel said False, or
+    never ran, its cancel said True and its waiter got the cancelled error. None is lost."""
+    queue = f"race{kind}{unique}"
+    producer: Any = make_broker(kind, topology, queue).with_result_backend(make_backend(topology))
+    await producer.startup()
+    count = 120
+    try:
+        handles = {}
+        for number in range(count):
+            labels = {"cancellable": True} if number % 2 else {}
+            kicker: Any = AsyncKicker(TASK, producer, labels)
+            handles[number] = await kicker.with_task_id(f"r{number}-{unique}").kiq(number, 0.01)
+        order = list(range(count))
+        random.Random(unique).shuffle(order)
+        config = worker_config_for(kind, topology, queue)
+        with WorkerProcess("tests.apps.task_ids_app:broker", config=config) as worker:
+            worker.wait_ready()
+            cancelled = {}
+            for number in order:
+                cancelled[number] = await producer.cancel(f"r{number}-{unique}")
+            results = {
+                number: await handle.wait_result(timeout=PATIENCE)
+                for number, handle in handles.items()
+            }
+            ran = {number for number in range(count) if results[number].return_value == number}
+            await asyncio.to_thread(worker.wait_for_line, "finished", len(ran))
+            log = worker.output()
+        runs = {number: len(re.findall(rf"\bran {number}\n", log)) for number in range(count)}
+        for number in range(count):
+            if cancelled[number]:
+                assert runs[number] == 0, (number, log)
+                assert results[number].is_err, number
+                assert "was cancelled" in str(results[number].error)
+            else:
+                assert runs[number] == 1, (number, runs[number])
+                assert number in ran
+        assert 0 < sum(cancelled.values()) < count  # the race was run, both ways
+    finally:
+        await producer.shutdown()
+
+
+async def test_unique_kicks_racing_the_ack_never_queue_a_second_copy(
+    topology: Topology, unique: str
+) -> None:
+    """A stream holds a unique id until its message is acknowledged: unique kicks made all the
+    while a worker runs and acknowledges the task are dropped until the ack, then one goes. The
+    task's runs never overlap, it runs again after the ack, and every handle gets a result."""
+    queue = f"ackrace{unique}"
+    producer: Any = make_broker("stream", topology, queue).with_result_backend(
+        make_backend(topology)
+    )
+    await producer.startup()
+    kicker: Any = AsyncKicker(TASK, producer, {"unique": True}).with_task_id(f"u{unique}")
+    try:
+        config = worker_config_for("stream", topology, queue)
+        with WorkerProcess("tests.apps.task_ids_app:broker", config=config) as worker:
+            worker.wait_ready()
+            handles = []
+            for _ in range(150):  # 1.5 s of kicks, each run 0.1 s
+                handles.append(await kicker.kiq(5, 0.1))
+                await asyncio.sleep(0.01)
+            results = [await handle.wait_result(timeout=PATIENCE) for handle in handles]
+            await asyncio.to_thread(
+                worker.wait_for_line, "finished 5", worker.output().count("ran 5")
+            )
+            log = worker.output()
+        marks = re.findall(r"\b(ran|finished) 5\n", log)
+        assert marks == ["ran", "finished"] * (len(marks) // 2), marks  # one at a time
+        assert len(marks) // 2 >= 2, marks  # taken again once acknowledged
+        assert len(marks) // 2 <= len(handles) // 5  # most kicks were dropped
+        assert all(result.return_value == 5 for result in results)
     finally:
         await producer.shutdown()
 

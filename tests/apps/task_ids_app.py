@@ -1,7 +1,8 @@
 """The app a real ``taskiq worker`` runs in the unique-kick and cancel tests.
 
 The config names a broker and a result backend class of this package and their arguments. The
-task says when it runs, so a test counts runs in the log, and returns its argument.
+task says when it starts and finishes, so a test counts runs in the log and sees whether two
+overlapped, and returns its argument.
 """
 
 from __future__ import annotations
@@ -27,4 +28,5 @@ async def echo(value: int, seconds: float = 0.0) -> int:
     """Say that it runs, wait ``seconds``, and return ``value``."""
     print(f"ran {value}", flush=True)
     await asyncio.sleep(seconds)
+    print(f"finished {value}", flush=True)
     return value
