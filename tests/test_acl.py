@@ -150,11 +150,19 @@ async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 async def unique_kicks_and_cancel(producer: Any) -> None:
-    """Unique kicks (one dropped) and cancels through the index and by looking: every command
-    their scripts send is one the part's README line grants."""
+    """Unique and cancellable kicks (one dropped) and cancels through the index and by looking:
+    every command their scripts send is one the part's README line grants."""
     await producer.kick(message(b"u-delayed", delay="60", unique=True))
     await producer.kick(message(b"u-delayed", delay="60", unique=True))  # dropped
     await producer.kick(message(b"u-level", priority=2, unique=True))
+    found_by_id = BrokerMessage(  # a list records nothing: looked for as taskiq's JSON has it
+        task_id="c-level",
+        task_name="acl.task",
+        message=b'{"task_id": "c-level"}',
+        labels={"priority": 1, "cancellable": True},
+    )
+    await producer.kick(found_by_id)
+    assert await producer.cancel("c-level")
     assert await producer.cancel("u-delayed")
     assert await producer.cancel("u-level")
     assert not await producer.cancel("never-kicked")  # looked for everywhere
