@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
-from taskiq_redis import connection, priorities, queues, scripts, task_ids
+from taskiq_redis import connection, dead_letters, priorities, queues, scripts, task_ids
 from taskiq_redis.exceptions import TaskIQRedisError
 
 
@@ -54,7 +54,7 @@ def _level(text: str) -> int:
 
 def _entry_id(text: str) -> str:
     try:
-        return queues.check_entry_id(text)
+        return dead_letters.check_entry_id(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -372,11 +372,11 @@ async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namesp
     if args.command == "requeue":
         missing: list[str] = []
         if args.ids:
-            moved, skipped, missing = await queues.requeue_dead_letter_ids(
+            moved, skipped, missing = await dead_letters.requeue_dead_letter_ids(
                 redis, args.queue, args.ids, args.max_priority
             )
         else:
-            moved, skipped = await queues.requeue_dead_letters(
+            moved, skipped = await dead_letters.requeue_dead_letters(
                 redis, args.queue, args.limit, args.max_priority
             )
         note = f" ({skipped} without a data field left in place)" if skipped else ""
@@ -386,13 +386,13 @@ async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namesp
     if args.command == "purge":
         missing = []
         if args.ids:
-            deleted, missing = await queues.purge_dead_letter_ids(redis, args.queue, args.ids)
+            deleted, missing = await dead_letters.purge_dead_letter_ids(redis, args.queue, args.ids)
         else:
-            deleted = await queues.purge_dead_letters(redis, args.queue, args.limit)
+            deleted = await dead_letters.purge_dead_letters(redis, args.queue, args.limit)
         return Outcome(
             [f"purged {deleted} dead letters of {args.queue}"], _missing(args.queue, missing)
         )
-    letters = await queues.dead_letters(redis, args.queue, args.count)
+    letters = await dead_letters.dead_letters(redis, args.queue, args.count)
     if args.json:
         return Outcome([json.dumps([letter.as_dict() for letter in letters], indent=2)])
     if not letters:

@@ -1,37 +1,31 @@
-"""The operators' view of queues, and what an operator does with dead letters.
+"""The operators' view of queues: what each holds, and which queues a database has.
 
-Behind ``taskiq-redis queues`` and ``taskiq-redis dead-letters``, and usable on its own::
+Behind ``taskiq-redis queues``, and usable on its own::
 
     from taskiq_redis import connection, queues
 
     redis = connection.single_node("redis://localhost:6379")
     view = await queues.inspect(redis, "taskiq")  # length, levels, delayed, dead, groups
-    moved, skipped = await queues.requeue_dead_letters(redis, "taskiq")
     above = await queues.levels_above(redis, "taskiq", max_priority=3)  # e.g. [7]
 
-Everything here only reads, except the dead-letter scripts, which move or delete entries in
-bounded batches, each one atomic. Functions take a :class:`~taskiq_redis.connection
-.RedisConnection` or any broker of this package (its connection is used).
+Everything here only reads. Functions take a :class:`~taskiq_redis.connection
+.RedisConnection` or any broker of this package (its connection is used). What an operator
+does with dead letters is in :mod:`taskiq_redis.dead_letters`, built on the key checks here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from taskiq_redis import keys, priorities, scripts
+from taskiq_redis import keys, priorities
 from taskiq_redis.brokers.base import BaseRedisBroker
 from taskiq_redis.connection import RedisConnection
 from taskiq_redis.exceptions import TaskIQRedisError
 
-REQUEUE, PURGE = "dead_letter_requeue", "dead_letter_purge"
-# Entries one dead-letter script call examines; each call is atomic and this bounds its time.
-DEAD_LETTER_BATCH = 500
 # Keys one SCAN call asks a server to examine while discovering queues.
 SCAN_COUNT = 1000
 # Keys discovery examines on each primary before it stops (see :func:`discover`).
@@ -41,7 +35,6 @@ _SATELLITES = (keys.DEAD_LETTER_SUFFIX, keys.DELAYED_SUFFIX)
 _LEVEL_SUFFIX = re.compile(re.escape(keys.PRIORITY_SUFFIX) + r"([1-9]\d*)(~\d+)?$")
 # Every level a producer of this package can write to: the levels a look at a queue covers.
 ALL_LEVELS = priorities.MAX_PRIORITY_LIMIT
-_ENTRY_ID = re.compile(r"\d+-\d+")
 
 
 class QueueError(TaskIQRedisError):
@@ -103,36 +96,6 @@ class QueueView:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A dead-letter entry: the original message and why it was set aside.
-
-    ``task_name`` and ``task_id`` are read from ``data`` when it is a taskiq message (JSON);
-    ``age_ms`` is how long ago it was set aside (its entry id is the server's time then), by
-    the clock of the machine that asked. None: not known.
-    """
-
-    id: str
-    data: bytes | None
-    reason: str
-    stream: str
-    original_id: str
-    deliveries: int | None
-    group: str
-    task_name: str | None = None
-    task_id: str | None = None
-    age_ms: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for ``--json``; the data as text where it is UTF-8, else its length."""
-        view = asdict(self)
-        try:
-            view["data"] = None if self.data is None else self.data.decode()
-        except UnicodeDecodeError:
-            view["data"] = f"<{len(self.data or b'')} bytes, not UTF-8>"
-        return view
-
-
 def age_text(milliseconds: int | None) -> str:
     """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units of an age; ``-`` unknown."""
     if milliseconds is None:
@@ -150,19 +113,24 @@ def age_text(milliseconds: int | None) -> str:
     return f"{seconds}s"
 
 
-def _conn(target: RedisConnection | BaseRedisBroker) -> RedisConnection:
+def connection_of(target: RedisConnection | BaseRedisBroker) -> RedisConnection:
+    """The connection to use: ``target`` itself, or a broker's, so an operator's tool can hand
+    over whichever it has."""
     return target.redis_connection if isinstance(target, BaseRedisBroker) else target
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A reply value as text, whether or not the connection decodes responses (bytes that are
+    not UTF-8 are shown with replacement characters rather than failing a look)."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _pairs(raw: Any) -> dict[str, Any]:
-    """An XINFO reply item as a dict with text keys, from a flat list or a parsed mapping."""
+def as_fields(raw: Any) -> dict[str, Any]:
+    """An XINFO reply item or a stream entry's fields as a dict with text keys, from a flat
+    list or a mapping (redis-py parses some replies, depending on the protocol)."""
     if isinstance(raw, Mapping):
-        return {_text(key): value for key, value in raw.items()}
-    return {_text(key): value for key, value in zip(raw[::2], raw[1::2], strict=True)}
+        return {as_text(key): value for key, value in raw.items()}
+    return {as_text(key): value for key, value in zip(raw[::2], raw[1::2], strict=True)}
 
 
 def _count(value: Any) -> int | None:
@@ -182,9 +150,9 @@ async def _level_kinds(
         return {}
     kinds = await asyncio.gather(*(conn.execute("TYPE", key) for key in level_keys.values()))
     return {
-        level: (key, _text(kind))
+        level: (key, as_text(kind))
         for (level, key), kind in zip(level_keys.items(), kinds, strict=True)
-        if _text(kind) != "none"
+        if as_text(kind) != "none"
     }
 
 
@@ -204,7 +172,7 @@ async def levels_above(
     per level, sent together (one round trip; every level is in the queue's slot). A key of the
     other type answers WRONGTYPE, which is raised.
     """
-    conn = _conn(target)
+    conn = connection_of(target)
     levels = range(max_priority + 1, ALL_LEVELS + 1)
     if kind == "list":
         command: tuple[Any, ...] = ("LRANGE",)
@@ -218,8 +186,9 @@ async def levels_above(
 
 
 @dataclass(frozen=True)
-class _Keys:
-    """What a queue's keys are: the queue's kind and the types of its other keys."""
+class QueueKeys:
+    """What a queue's keys are: the queue's kind and the types of its other keys, read once so
+    every check of a look or an action agrees on them."""
 
     kind: str  # the queue's (or, without a queue key, its lowest level's) Redis type
     dead: str
@@ -228,15 +197,16 @@ class _Keys:
 
     @property
     def unknown(self) -> bool:
+        """No key of the queue exists: most likely a mistyped name."""
         return self.kind == self.dead == self.delayed == "none" and not self.levels
 
 
-async def _keys_of(conn: RedisConnection, queue: str, max_priority: int) -> _Keys:
+async def key_types(conn: RedisConnection, queue: str, max_priority: int) -> QueueKeys:
     """The types of every key of ``queue``; a :class:`QueueError` for a satellite key (dead
     letters, delayed set) of the wrong type, naming the key."""
     dead_key, delayed_key = keys.dead_letter_key(queue), keys.delayed_key(queue)
     kind, dead, delayed = (
-        _text(answer)
+        as_text(answer)
         for answer in await asyncio.gather(
             *(conn.execute("TYPE", key) for key in (queue, dead_key, delayed_key))
         )
@@ -254,11 +224,13 @@ async def _keys_of(conn: RedisConnection, queue: str, max_priority: int) -> _Key
     levels = await _level_kinds(conn, queue, range(1, max_priority + 1))
     if kind == "none" and levels:
         kind = levels[min(levels)][1]
-    return _Keys(kind, dead, delayed, levels)
+    return QueueKeys(kind, dead, delayed, levels)
 
 
-def _check_levels(queue: str, found: _Keys) -> None:
-    """A priority level key of another type than the queue is a :class:`QueueError`."""
+def check_types(queue: str, found: QueueKeys) -> None:
+    """A :class:`QueueError` naming the key when the queue is not a stream or list, or when a
+    priority level key is of another type than the queue: before anything reads or moves
+    messages as one kind."""
     if found.kind not in ("stream", "list", "none"):
         raise QueueError(
             description=f"{queue!r} is a Redis {found.kind}, not a stream or list queue"
@@ -284,15 +256,15 @@ async def inspect(
     or, for the queue key itself with ``strict=False``, a view without length (discovery finds
     such keys through their delayed or dead-letter sets).
     """
-    conn = _conn(target)
-    found = await _keys_of(conn, queue, max_priority)
+    conn = connection_of(target)
+    found = await key_types(conn, queue, max_priority)
     kind = found.kind
     delayed = int(await conn.execute("ZCARD", keys.delayed_key(queue)))
     dead_key = keys.dead_letter_key(queue)
     dead = int(await conn.execute("XLEN", dead_key)) if found.dead == "stream" else 0
     if kind not in ("stream", "list") and not strict:
         return QueueView(queue, kind, None if kind != "none" else 0, delayed, dead)
-    _check_levels(queue, found)
+    check_types(queue, found)
     length_of = "XLEN" if kind == "stream" else "LLEN"
     base, *lengths = await asyncio.gather(
         *(
@@ -316,18 +288,18 @@ async def inspect(
 async def _groups(conn: RedisConnection, stream: str) -> list[Group]:
     groups = []
     for raw_group in await conn.execute("XINFO GROUPS", stream):
-        info = _pairs(raw_group)
-        name = _text(info["name"])
+        info = as_fields(raw_group)
+        name = as_text(info["name"])
         consumers = [
-            Consumer(_text(c["name"]), int(c["pending"]), int(c["idle"]))
-            for c in map(_pairs, await conn.execute("XINFO CONSUMERS", stream, name))
+            Consumer(as_text(c["name"]), int(c["pending"]), int(c["idle"]))
+            for c in map(as_fields, await conn.execute("XINFO CONSUMERS", stream, name))
         ]
         groups.append(
             Group(
                 name=name,
                 pending=int(info["pending"]),
                 lag=_count(info.get("lag")),
-                last_delivered_id=_text(info["last-delivered-id"]),
+                last_delivered_id=as_text(info["last-delivered-id"]),
                 consumers=consumers,
                 entries_read=_count(info.get("entries-read")),
             )
@@ -387,7 +359,7 @@ async def discover(
     ``scan_limit`` keys were examined per type, so a huge keyspace is never walked in full.
     Returns the sorted names and whether every scan went to its end.
     """
-    conn = _conn(target)
+    conn = connection_of(target)
     client: Any = conn.client
     nodes: list[Any] = [None]
     if conn.is_cluster:
@@ -405,7 +377,7 @@ async def discover(
                 )
                 if isinstance(cursor, dict):  # a cluster answers per node
                     cursor = next(iter(cursor.values()))
-                found.update(queue_of_key(_text(key)) for key in batch)
+                found.update(queue_of_key(as_text(key)) for key in batch)
                 examined += SCAN_COUNT
                 if not cursor:
                     break
@@ -413,184 +385,3 @@ async def discover(
                     complete = False
                     break
     return sorted(found), complete
-
-
-def check_entry_id(text: str) -> str:
-    """Refuse a dead-letter entry id that is not of the form ``<milliseconds>-<sequence>``."""
-    if not _ENTRY_ID.fullmatch(text):
-        raise ValueError(f"expected a dead-letter entry id like 1712345678901-0, got {text!r}")
-    return text
-
-
-async def _dead_key(conn: RedisConnection, queue: str) -> str:
-    """The dead-letter stream of ``queue``, once ``queue`` is known to be a queue.
-
-    A :class:`QueueError` when no key of the queue exists (a mistyped name: there is nothing to
-    list, requeue or purge), when the queue key is not a stream or list, or when a key of the
-    queue has the wrong type; the message names the key.
-    """
-    found = await _keys_of(conn, queue, ALL_LEVELS)
-    if found.unknown:
-        raise QueueError(
-            description=f"no queue {queue!r}: none of its keys exists ({queue!r}, "
-            f"{keys.dead_letter_key(queue)!r}, {keys.delayed_key(queue)!r}, "
-            f"{keys.priority_key(queue, 1)!r}...)"
-        )
-    _check_levels(queue, found)
-    return keys.dead_letter_key(queue)
-
-
-def _about_task(data: bytes | None) -> tuple[str | None, str | None]:
-    """(task_name, task_id) of a taskiq message's JSON, or None for what cannot be read."""
-    try:
-        message = json.loads(data) if data is not None else None
-    except ValueError:
-        return None, None
-    if not isinstance(message, dict):
-        return None, None
-    name, task_id = message.get("task_name"), message.get("task_id")
-    return (
-        name if isinstance(name, str) else None,
-        task_id if isinstance(task_id, str) else None,
-    )
-
-
-async def dead_letters(
-    target: RedisConnection | BaseRedisBroker, queue: str, count: int = 100
-) -> list[DeadLetter]:
-    """The oldest ``count`` dead letters of ``queue`` (a :class:`QueueError` if it is none)."""
-    conn = _conn(target)
-    dead_key = await _dead_key(conn, queue)
-    entries = await conn.execute("XRANGE", dead_key, "-", "+", "COUNT", count)
-    now_ms = int(time.time() * 1000)
-    letters = []
-    for entry_id, raw in entries:
-        fields = _pairs(raw)
-        deliveries = fields.get("deliveries")
-        data = fields.get("data")
-        task_name, task_id = _about_task(data)
-        letter_id = _text(entry_id)
-        letters.append(
-            DeadLetter(
-                id=letter_id,
-                data=data,
-                reason=_text(fields.get("reason", "")),
-                stream=_text(fields.get("stream", "")),
-                original_id=_text(fields.get("id", "")),
-                deliveries=int(deliveries) if deliveries is not None else None,
-                group=_text(fields.get("group", "")),
-                task_name=task_name,
-                task_id=task_id,
-                age_ms=max(0, now_ms - int(letter_id.partition("-")[0])),
-            )
-        )
-    return letters
-
-
-def _requeue_keys(queue: str, dead_key: str) -> list[str]:
-    """The script's keys: the dead letters, then every level of the queue, 0 first."""
-    return [dead_key, *priorities.Levels(queue, ALL_LEVELS).by_level]
-
-
-async def requeue_dead_letters(
-    target: RedisConnection | BaseRedisBroker,
-    queue: str,
-    limit: int | None = None,
-    max_priority: int = ALL_LEVELS,
-) -> tuple[int, int]:
-    """Move dead letters back to ``queue``, oldest first, at most ``limit`` (None: all).
-
-    Each batch is one atomic script call: an entry is either still a dead letter or back in
-    the queue (at the priority level it came from, or at ``max_priority`` when it came from
-    above it), never both or neither. Returns (requeued, skipped); skipped entries have no
-    ``data`` field, so there is nothing to run, and they stay.
-    """
-    conn = _conn(target)
-    script = scripts.get(REQUEUE)
-    script_keys = _requeue_keys(queue, await _dead_key(conn, queue))
-    top = priorities.check_max_priority(max_priority)
-    requeued = skipped = 0
-    start = "-"
-    while limit is None or requeued + skipped < limit:
-        batch = (
-            DEAD_LETTER_BATCH
-            if limit is None
-            else min(DEAD_LETTER_BATCH, limit - requeued - skipped)
-        )
-        moved, kept, last, _ = await scripts.run(conn, script, script_keys, [start, batch, top])
-        requeued += int(moved)
-        skipped += int(kept)
-        if int(moved) + int(kept) < batch:
-            break
-        start = _text(last)
-    return requeued, skipped
-
-
-async def requeue_dead_letter_ids(
-    target: RedisConnection | BaseRedisBroker,
-    queue: str,
-    ids: list[str],
-    max_priority: int = ALL_LEVELS,
-) -> tuple[int, int, list[str]]:
-    """Move the dead letters with these entry ids back to ``queue``, as
-    :func:`requeue_dead_letters` does. Returns (requeued, skipped, the ids that are not dead
-    letters of ``queue``)."""
-    conn = _conn(target)
-    wanted = [check_entry_id(entry_id) for entry_id in dict.fromkeys(ids)]
-    script = scripts.get(REQUEUE)
-    script_keys = _requeue_keys(queue, await _dead_key(conn, queue))
-    top = priorities.check_max_priority(max_priority)
-    requeued = skipped = 0
-    missing: list[str] = []
-    for first in range(0, len(wanted), DEAD_LETTER_BATCH):
-        batch = wanted[first : first + DEAD_LETTER_BATCH]
-        moved, kept, _, absent = await scripts.run(
-            conn, script, script_keys, ["-", len(batch), top, *batch]
-        )
-        requeued += int(moved)
-        skipped += int(kept)
-        missing += [_text(entry_id) for entry_id in absent]
-    return requeued, skipped, missing
-
-
-async def purge_dead_letters(
-    target: RedisConnection | BaseRedisBroker, queue: str, limit: int | None = None
-) -> int:
-    """Delete the dead letters ``queue`` has now (not those that arrive meanwhile), oldest
-    first, at most ``limit`` (None: all); how many."""
-    conn = _conn(target)
-    dead_key = await _dead_key(conn, queue)
-    newest = await conn.execute("XREVRANGE", dead_key, "+", "-", "COUNT", 1)
-    if not newest:
-        return 0
-    last_id = _text(newest[0][0])
-    script = scripts.get(PURGE)
-    deleted = 0
-    while limit is None or deleted < limit:
-        batch = DEAD_LETTER_BATCH if limit is None else min(DEAD_LETTER_BATCH, limit - deleted)
-        removed = int(await scripts.run(conn, script, [dead_key], [last_id, batch]))
-        deleted += removed
-        if removed < batch:
-            break
-    return deleted
-
-
-async def purge_dead_letter_ids(
-    target: RedisConnection | BaseRedisBroker, queue: str, ids: list[str]
-) -> tuple[int, list[str]]:
-    """Delete the dead letters with these entry ids. Returns (deleted, the ids that are not
-    dead letters of ``queue``)."""
-    conn = _conn(target)
-    wanted = [check_entry_id(entry_id) for entry_id in dict.fromkeys(ids)]
-    dead_key = await _dead_key(conn, queue)
-    found = await asyncio.gather(
-        *(conn.execute("XRANGE", dead_key, entry_id, entry_id) for entry_id in wanted)
-    )
-    present = [entry_id for entry_id, entries in zip(wanted, found, strict=True) if entries]
-    missing = [entry_id for entry_id in wanted if entry_id not in present]
-    deleted = 0
-    for first in range(0, len(present), DEAD_LETTER_BATCH):
-        deleted += int(
-            await conn.execute("XDEL", dead_key, *present[first : first + DEAD_LETTER_BATCH])
-        )
-    return deleted, missing

@@ -23,8 +23,8 @@ from taskiq_redis import (
     RedisAsyncClusterResultBackend,
     RedisClusterScheduleSource,
     RedisStreamClusterBroker,
+    dead_letters,
     keys,
-    queues,
     scripts,
 )
 from tests.servers import RedisServers
@@ -92,8 +92,8 @@ async def use_every_script(url: str, unique: str) -> None:
     dead = keys.dead_letter_key(stream.queue_name)
     for number in range(2):
         await stream._conn.execute("XADD", dead, "*", "data", f"d{number}")
-    assert await queues.requeue_dead_letters(stream, stream.queue_name, limit=1) == (1, 0)
-    assert await queues.purge_dead_letters(stream, stream.queue_name) == 1
+    assert await dead_letters.requeue_dead_letters(stream, stream.queue_name, limit=1) == (1, 0)
+    assert await dead_letters.purge_dead_letters(stream, stream.queue_name) == 1
     await stream.shutdown()
 
     source = ListRedisClusterScheduleSource(url, prefix=f"p{unique}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from taskiq_redis import connection, keys, queues
+from taskiq_redis import connection, dead_letters, keys
 from tests.queue_kinds import acked, body_of, make_broker, message
 from tests.servers import Topology
 
@@ -24,7 +24,7 @@ PATIENCE = 20.0
 async def test_purge_spares_the_dead_letters_that_arrive_while_it_runs(
     topology: Topology, raw_redis: Any, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(queues, "DEAD_LETTER_BATCH", 50)  # many calls: room for arrivals
+    monkeypatch.setattr(dead_letters, "DEAD_LETTER_BATCH", 50)  # many calls: room for arrivals
     queue = f"purge{unique}"
     dead = keys.dead_letter_key(queue)
     await raw_redis.xadd(queue, {"data": "queue exists"})
@@ -43,7 +43,7 @@ async def test_purge_spares_the_dead_letters_that_arrive_while_it_runs(
     conn = topology_connection(topology)
     try:
         arriving = asyncio.ensure_future(arrive())
-        purged = await queues.purge_dead_letters(conn, queue)
+        purged = await dead_letters.purge_dead_letters(conn, queue)
         await arriving
     finally:
         await conn.close()
@@ -81,7 +81,7 @@ async def test_a_requeued_dead_letter_gets_a_fresh_delivery_count(
             await asyncio.sleep(0.05)
         [(_, fields)] = await raw_redis.xrange(keys.dead_letter_key(queue))
         assert fields[b"deliveries"] == b"2"
-        assert await queues.requeue_dead_letters(strict, queue) == (1, 0)
+        assert await dead_letters.requeue_dead_letters(strict, queue) == (1, 0)
         received = await asyncio.wait_for(taking, PATIENCE)  # delivered once: runs
         assert body_of(await acked(received)) == "twice"
         assert await raw_redis.xlen(keys.dead_letter_key(queue)) == 0

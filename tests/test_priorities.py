@@ -17,7 +17,7 @@ import pytest
 from taskiq import BrokerMessage
 
 import taskiq_redis
-from taskiq_redis import keys, priorities, queues
+from taskiq_redis import dead_letters, keys, priorities, queues
 from tests.queue_kinds import KINDS, acked, body_of, broker_class, make_broker, receive
 from tests.queue_kinds import message as queue_message
 from tests.servers import RedisServers, Topology
@@ -335,7 +335,7 @@ async def test_acks_reclaim_and_dead_letters_work_at_every_level(
 
     operator = make_broker("stream", topology, queue)
     try:
-        assert await queues.requeue_dead_letters(operator, queue) == (1, 0)
+        assert await dead_letters.requeue_dead_letters(operator, queue) == (1, 0)
     finally:
         await operator.shutdown()
     assert await raw_redis.xlen(dead_stream) == 1  # back at its own level

@@ -33,7 +33,7 @@ from starlette.responses import (
 from starlette.routing import Route
 from taskiq.abc.serializer import TaskiqSerializer
 
-from taskiq_redis import connection, queues
+from taskiq_redis import connection, dead_letters, queues
 from taskiq_redis.brokers.base import BaseRedisBroker
 from taskiq_redis.dashboard import pages
 from taskiq_redis.dashboard.monitor import READ_ERRORS, Monitor, describe_error
@@ -276,17 +276,19 @@ class Dashboard:
             missing: list[str] = []
             if action == "requeue":
                 if ids:
-                    moved, skipped, missing = await queues.requeue_dead_letter_ids(conn, queue, ids)
+                    moved, skipped, missing = await dead_letters.requeue_dead_letter_ids(
+                        conn, queue, ids
+                    )
                 else:
-                    moved, skipped = await queues.requeue_dead_letters(conn, queue)
+                    moved, skipped = await dead_letters.requeue_dead_letters(conn, queue)
                 message = f"Requeued {moved} dead letters to {queue}."
                 if skipped:
                     message += f" {skipped} without a data field were left in place."
             else:
                 if ids:
-                    deleted, missing = await queues.purge_dead_letter_ids(conn, queue, ids)
+                    deleted, missing = await dead_letters.purge_dead_letter_ids(conn, queue, ids)
                 else:
-                    deleted = await queues.purge_dead_letters(conn, queue)
+                    deleted = await dead_letters.purge_dead_letters(conn, queue)
                 message = f"Purged {deleted} dead letters of {queue}."
         except ACTION_ERRORS as error:
             return f"{action.capitalize()} failed: {error}", False

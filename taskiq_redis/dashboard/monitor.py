@@ -29,6 +29,7 @@ from taskiq.serializers import PickleSerializer
 
 from taskiq_redis import keys, list_schedule_source, queues, schedule_source, scripts
 from taskiq_redis.connection import RedisConnection
+from taskiq_redis.dead_letters import DeadLetter, dead_letters
 from taskiq_redis.exceptions import TaskIQRedisError
 
 logger = logging.getLogger("taskiq.redis_dashboard")
@@ -105,7 +106,7 @@ class QueueDetail:
     view: queues.QueueView
     pending: list[PendingEntry]
     delayed: list[DelayedEntry]
-    dead_letters: list[queues.DeadLetter]
+    dead_letters: list[DeadLetter]
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class Monitor:
         view = await queues.inspect(conn, name, max_priority=self.max_priority)
         pending = await self.pending(conn, view) if view.kind == "stream" else []
         delayed = await self.delayed(conn, name)
-        letters = await queues.dead_letters(conn, name, PAGE_ENTRIES) if view.dead_letters else []
+        letters = await dead_letters(conn, name, PAGE_ENTRIES) if view.dead_letters else []
         return QueueDetail(view, pending, delayed, letters)
 
     async def pending(self, conn: RedisConnection, view: queues.QueueView) -> list[PendingEntry]:
