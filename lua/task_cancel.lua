@@ -34,9 +34,14 @@ end
 local phase, position, budget = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local levels = #KEYS - 2
 
+local find, first, second = string.find, quoted[1], quoted[2]
+
+-- Whether a message may be this task's: it holds the quoted id. One plain search a message (two
+-- for a non-ASCII id), inline where messages are looked at: a call per message would cost more.
+-- holds(data) then tells the rare hit elsewhere (an argument) apart.
+
 -- Whether a message is this task's: the quoted id right after "task_id": (taskiq's JSON, with
--- or without a space after the colon, as its formatters write it). The id alone is looked for,
--- so one plain search a message; the rare hit elsewhere (an argument) is told apart here.
+-- or without a space after the colon, as its formatters write it).
 local function holds(data)
     for _, form in ipairs(quoted) do
         local from = 1
@@ -110,7 +115,8 @@ local function look_through(key, entries)
                 end
             end
         end
-        if data and holds(data) then
+        if data and (find(data, first, 1, true) or (second and find(data, second, 1, true)))
+            and holds(data) then
             local outcome = take_entry(key, entry[1])
             if outcome == 'cancelled' then
                 return outcome
@@ -157,7 +163,8 @@ while phase <= levels + 1 and budget > 0 do
         local start = tonumber(position) or 0
         local members = redis.call('ZREVRANGE', delayed, start, start + budget - 1)
         for _, member in ipairs(members) do
-            if holds(member) then
+            if (find(member, first, 1, true) or (second and find(member, second, 1, true)))
+                and holds(member) then
                 redis.call('ZREM', delayed, member)
                 redis.call('HDEL', index, task_id)
                 return {'cancelled', 0, ''}
@@ -214,7 +221,8 @@ while phase <= levels + 1 and budget > 0 do
             local start = tonumber(position) or 0
             local messages = redis.call('LRANGE', key, start, start + budget - 1)
             for offset, message in ipairs(messages) do
-                if holds(message) then
+                if (find(message, first, 1, true) or (second and find(message, second, 1, true)))
+                    and holds(message) then
                     -- removed where it is: marked, then the mark removed from the nearer end
                     -- (an LREM of the message itself would walk the list from the head)
                     local at = start + offset - 1
