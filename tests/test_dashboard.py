@@ -24,8 +24,11 @@ import taskiq_redis
 from taskiq_redis import delays, keys, scripts
 from taskiq_redis.dashboard import connect_to, create_app
 from tests.dashboard_support import app_options, server_args
+from tests.queue_kinds import KINDS, make_broker
+from tests.queue_kinds import message as queue_message
 from tests.servers import StandaloneServer, Topology
 from tests.test_queues_cli import dead_letter_fields, kick, stream_broker
+from tests.test_task_ids import waiting as waiting_count
 
 TOKEN = re.compile(r'name="token" value="([^"]+)"')
 
@@ -371,3 +374,79 @@ def test_the_command_says_in_one_line_when_the_extra_is_missing() -> None:
         "taskiq-redis: the dashboard needs starlette, which is not installed: "
         "pip install 'taskiq-redis[dashboard]'\n"
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_cancel_by_button_or_id_says_what_it_did_and_is_refused_without_leave(
+    kind: str, topology: Topology, raw_redis: Any, board: Any, unique: str
+) -> None:
+    """A waiting task and a delayed one are cancelled (their rows and counts go); a task a
+    worker took, an unknown id, an empty id or a group the queue lacks are not, and say so."""
+    queue = f"cancel{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    for name in ("taken", "target", "other"):
+        await broker.kick(queue_message(name))
+    await broker.kick(queue_message("parked", delay=3600))
+    # A worker takes the oldest: a stream entry delivered and not acknowledged; a list
+    # message popped.
+    if kind == "stream":
+        await raw_redis.xreadgroup("taskiq", "worker-1", {queue: ">"}, count=1)
+    else:
+        assert b'"task_id":"taken"' in await raw_redis.rpop(queue)
+    held = 1 if kind == "stream" else 0  # still in the stream, which XLEN counts
+    try:
+        read_only = await board(queue_names=[queue])
+        page = (await read_only.get(f"/queues/{queue}")).text
+        assert 'data-task="target"' in page
+        assert "<form" not in page
+        assert "to cancel waiting tasks" in page
+        refused = await read_only.post(
+            "/actions/cancel", data={"queue": queue, "token": "t", "task_id": "target"}
+        )
+        assert refused.status_code == 403
+        assert "Refused: this dashboard is read-only" in refused.text
+
+        http = await board(queue_names=[queue], allow_actions=True)
+        page = (await http.get(f"/queues/{queue}")).text
+        waiting = re.search(r'<table id="waiting">(.*?)</table>', page, re.S)
+        assert waiting is not None, page
+        assert re.findall(r'data-task="([^"]*)"', waiting.group(1)) == ["target", "other"]
+        assert 'name="task_id" value="target"' in waiting.group(1)
+        assert '<form method="post" action="/actions/cancel" id="cancel-by-id">' in page
+        token_match = TOKEN.search(page)
+        assert token_match is not None
+        token = token_match.group(1)
+
+        async def cancel(task_id: str, token: str = token, **more: str) -> httpx.Response:
+            fields = {"queue": queue, "token": token, "task_id": task_id, **more}
+            answer: httpx.Response = await http.post("/actions/cancel", data=fields)
+            return answer
+
+        wrong = await cancel("target", token + "x")
+        assert wrong.status_code == 403
+        assert "the form&#x27;s token is not this dashboard&#x27;s" in wrong.text
+        assert await waiting_count(raw_redis, kind, queue) == 2 + held
+
+        done = await cancel("target")
+        assert f"target: cancelled; it was waiting in {queue} and will never run." in done.text
+        assert 'class="banner ok"' in done.text
+        assert 'data-task="target"' not in done.text
+        assert await waiting_count(raw_redis, kind, queue) == 1 + held
+
+        parked = await cancel("parked")
+        assert "parked: cancelled" in parked.text
+        assert '<td data-field="delayed">0</td>' in parked.text
+        assert await raw_redis.zcard(keys.delayed_key(queue)) == 0
+
+        for task_id in ("taken", "nobody", "target"):  # held by a worker, unknown, gone
+            answer = await cancel(task_id)
+            assert f"{task_id}: not queued in {queue} (a worker holds it or ran it" in answer.text
+            assert 'class="banner error"' in answer.text
+        assert "Cancel refused: give the id" in (await cancel(" ")).text
+        if kind == "stream":
+            other = await cancel("other", group="elsewhere")
+            assert f"Cancel failed: &#x27;{queue}&#x27; has no consumer group" in other.text
+        assert await waiting_count(raw_redis, kind, queue) == 1 + held
+    finally:
+        await broker.shutdown()
