@@ -125,7 +125,8 @@ async def test_queues_metrics_and_json_show_what_is_in_redis(
 async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
     topology: Topology, raw_redis: Any, board: Any, unique: str
 ) -> None:
-    """Names from Redis are shown as the characters they are, markup included."""
+    """Names from Redis are shown as the characters they are, markup included, in cells and in
+    the cancel buttons' fields."""
     queue = f"<i>q{unique}</i>"
     hostile = "<script>alert(1)</script>"
     broker = stream_broker(topology, queue, xread_count=1)
@@ -133,6 +134,7 @@ async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
     await raw_redis.xadd(queue, {"data": message(hostile, "pending-id")})
     listener = broker.listen()
     await asyncio.wait_for(anext(listener), 10)
+    await raw_redis.xadd(queue, {"data": message(hostile, "<b>waiting-id</b>")})
     due = await delays.add(
         broker.redis_connection, queue, message("later.task", "late-id"), 3_600_000
     )
@@ -156,6 +158,9 @@ async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
         assert escaped in pending.group(1)
         assert "pending-id" in pending.group(1)
         assert broker.consumer_name in pending.group(1)
+        waiting = re.search(r'<table id="waiting">(.*?)</table>', page.text, re.S)
+        assert waiting is not None
+        assert f"<td>{escaped}</td><td>&lt;b&gt;waiting-id&lt;/b&gt;</td>" in waiting.group(1)
         delayed = re.search(r'<table id="delayed">(.*?)</table>', page.text, re.S)
         assert delayed is not None
         due_text = datetime.fromtimestamp(due / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -169,6 +174,16 @@ async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
         assert "<form" not in page.text
         assert "start the dashboard with --allow-actions" in page.text
         assert "script-src 'nonce-" in page.headers["content-security-policy"]
+
+        acting = await board(queue_names=[queue], allow_actions=True)
+        page = await acting.get(f"/queues/%3Ci%3Eq{unique}%3C%2Fi%3E")
+        assert "<b>waiting" not in page.text
+        assert '<input type="hidden" name="task_id" value="&lt;b&gt;waiting-id&lt;/b&gt;">' in (
+            page.text
+        )
+        assert 'data-confirm="Cancel task &lt;b&gt;waiting-id&lt;/b&gt;? It will never run."' in (
+            page.text
+        )
     finally:
         await listener.aclose()
         await broker.shutdown()
