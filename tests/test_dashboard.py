@@ -395,14 +395,16 @@ def test_the_command_says_in_one_line_when_the_extra_is_missing() -> None:
 async def test_cancel_by_button_or_id_says_what_it_did_and_is_refused_without_leave(
     kind: str, topology: Topology, raw_redis: Any, board: Any, unique: str
 ) -> None:
-    """A waiting task and a delayed one are cancelled (their rows and counts go); a task a
-    worker took, an unknown id, an empty id or a group the queue lacks are not, and say so."""
+    """Waiting tasks (level 0 and above) and a delayed one are cancelled (their rows and
+    counts go); a task a worker took, an unknown id, an empty id or a group the queue lacks
+    are not, and say so."""
     queue = f"cancel{kind}{unique}"
     broker = make_broker(kind, topology, queue)
     await broker.startup()
     for name in ("taken", "target", "other"):
         await broker.kick(queue_message(name))
     await broker.kick(queue_message("parked", delay=3600))
+    await broker.kick(queue_message("urgent", priority=2))
     # A worker takes the oldest: a stream entry delivered and not acknowledged; a list
     # message popped.
     if kind == "stream":
@@ -426,8 +428,12 @@ async def test_cancel_by_button_or_id_says_what_it_did_and_is_refused_without_le
         page = (await http.get(f"/queues/{queue}")).text
         waiting = re.search(r'<table id="waiting">(.*?)</table>', page, re.S)
         assert waiting is not None, page
-        assert re.findall(r'data-task="([^"]*)"', waiting.group(1)) == ["target", "other"]
+        listed = re.findall(r'data-task="([^"]*)"', waiting.group(1))
+        assert listed == ["urgent", "target", "other"]
         assert 'name="task_id" value="target"' in waiting.group(1)
+        delayed = re.search(r'<table id="delayed">(.*?)</table>', page, re.S)
+        assert delayed is not None
+        assert 'name="task_id" value="parked"' in delayed.group(1)
         assert '<form method="post" action="/actions/cancel" id="cancel-by-id">' in page
         token_match = TOKEN.search(page)
         assert token_match is not None
@@ -441,6 +447,10 @@ async def test_cancel_by_button_or_id_says_what_it_did_and_is_refused_without_le
         wrong = await cancel("target", token + "x")
         assert wrong.status_code == 403
         assert "the form&#x27;s token is not this dashboard&#x27;s" in wrong.text
+        assert await waiting_count(raw_redis, kind, queue) == 3 + held
+
+        urgent = await cancel("urgent")  # by id, as the form sends it: found at its level
+        assert "urgent: cancelled" in urgent.text
         assert await waiting_count(raw_redis, kind, queue) == 2 + held
 
         done = await cancel("target")
