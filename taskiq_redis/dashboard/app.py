@@ -347,8 +347,8 @@ def create_app(
     in the application (its connection is shared, and not closed by the dashboard).
     ``queue_names`` limits the queues view to those queues (default: found by SCAN, as
     ``taskiq-redis queues`` does). ``refresh`` is the seconds between two refreshes of the
-    queues page and of a queue's page. ``schedule_serializer`` must be the schedule sources' (they default to
-    pickle, as here).
+    queues page and of a queue's page. ``schedule_serializer`` must be the schedule sources'
+    (they default to pickle, as here).
     """
     if refresh <= 0:
         raise ValueError(f"refresh must be a positive number of seconds, got {refresh!r}")
