@@ -123,6 +123,26 @@ async def test_a_queue_page_reads_a_bounded_slice_and_never_keys(unique: str) ->
 
 
 @pytest.mark.parametrize("topology", ["single"], indirect=True)
+async def test_when_redis_cannot_count_what_waits_the_page_says_more_may(
+    topology: Topology, raw_redis: Any, client: Client, unique: str
+) -> None:
+    """An entry deleted from the middle of a stream (a cancel does that) leaves a group's lag
+    unknown to Redis: the page says that more than it lists may wait."""
+    queue = f"unknown{unique}"
+    broker: Any = make_broker("stream", topology, queue)
+    await broker.startup()
+    try:
+        for number in range(WAITING_ENTRIES + 5):
+            await broker.kick(queue_message(f"task-{number}"))
+        assert await broker.cancel("task-3")
+        fragment = (await client.http.get(f"/fragments/queues/{queue}")).text
+    finally:
+        await broker.shutdown()
+    assert len(level_and_task(fragment, "waiting")) == WAITING_ENTRIES
+    assert f"priority 0 (group taskiq): the next {WAITING_ENTRIES}; more may wait" in fragment
+
+
+@pytest.mark.parametrize("topology", ["single"], indirect=True)
 async def test_the_fragment_says_why_a_queue_cannot_be_read(
     raw_redis: Any, client: Client, unique: str
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from taskiq_redis.dashboard.detail import QueueDetail, Waiting
+from taskiq_redis.dashboard.detail import WAITING_ENTRIES, QueueDetail, Waiting
 from taskiq_redis.dashboard.markup import (
     CONFIRM_SCRIPT,
     REFRESH_SCRIPT,
@@ -97,8 +97,11 @@ def waiting_section(base: str, detail: QueueDetail, allow_actions: bool, token: 
                 f"<td>{dash(entry.id)}</td><td>{dash(entry.task_name)}</td>"
                 f"<td>{dash(entry.task_id)}</td><td>{button}</td></tr>"
             )
-        if waiting.total is not None and waiting.total > len(waiting.entries):
-            notes.append(f"{where(waiting)}: the next {len(waiting.entries)} of {waiting.total}")
+        shown = len(waiting.entries)
+        if waiting.total is not None and waiting.total > shown:
+            notes.append(f"{where(waiting)}: the next {shown} of {waiting.total}")
+        elif waiting.total is None and shown >= WAITING_ENTRIES:  # e.g. lag after a deletion
+            notes.append(f"{where(waiting)}: the next {shown}; more may wait")
     out = table(
         ["Priority", "Group", "Entry", "Task", "Task id", ""],
         rows,
