@@ -173,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     take_back.add_argument("task_ids", nargs="+", metavar="TASK_ID")
     take_back.add_argument(
         "--consumer-group",
-        default="taskiq",
-        help="a stream queue's consumer group (default taskiq)",
+        default="",
+        help="a stream queue's consumer group (default: its one group, else taskiq)",
     )
     take_back.add_argument(
         "--max-priority",
@@ -219,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_whole,
         default=3,
         metavar="SECONDS",
-        help="seconds between two refreshes of the queues page (default 3)",
+        help="seconds between two refreshes of the queues and queue pages (default 3)",
     )
     board.add_argument(
         "--scan-limit",
@@ -410,10 +410,7 @@ async def _dead_letters(redis: connection.RedisConnection, args: argparse.Namesp
 
 async def _cancel(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
     view = await queues.inspect(redis, args.queue, max_priority=args.max_priority)
-    # No queue key (an empty list queue, say): only its delayed set can hold the tasks.
-    kind: task_ids.QueueKind = "stream" if view.kind == "stream" else "list"
-    levels = max([0, *view.levels])
-    queue = task_ids.Queue(args.queue, kind, levels, args.consumer_group)
+    queue = queues.cancel_queue(view, args.consumer_group)
     done = await task_ids.cancel_many(redis, queue, args.task_ids)
     lines = [f"{task_id}: {'cancelled' if ok else 'not queued'}" for task_id, ok in done.items()]
     return Outcome(lines, [] if any(done.values()) else ["no task was cancelled"])

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from taskiq_redis import keys, priorities
+from taskiq_redis import keys, priorities, task_ids
 from taskiq_redis.brokers.base import BaseRedisBroker
 from taskiq_redis.connection import RedisConnection
 from taskiq_redis.exceptions import TaskIQRedisError
@@ -385,3 +385,24 @@ async def discover(
                     complete = False
                     break
     return sorted(found), complete
+
+
+DEFAULT_GROUP = "taskiq"
+
+
+def cancel_queue(view: QueueView, group: str = "") -> task_ids.Queue:
+    """The queue as the cancel script sees it, for ``taskiq-redis cancel`` and the dashboard.
+
+    A queue without a key (an empty list, say) can hold the task in its delayed set only; the
+    levels up to the highest that exists are looked through. The group whose delivery decides
+    whether a task is taken: ``group``, else the queue's one group, else the brokers' default.
+    A group a stream queue does not have is a :class:`QueueError`: the script would count
+    nothing as delivered, and could delete a message a worker holds.
+    """
+    names = [found.name for found in view.groups]
+    if not group:
+        group = names[0] if len(names) == 1 else DEFAULT_GROUP
+    elif names and group not in names:
+        raise QueueError(description=f"{view.name!r} has no consumer group {group!r}")
+    kind: task_ids.QueueKind = "stream" if view.kind == "stream" else "list"
+    return task_ids.Queue(view.name, kind, max([0, *view.levels]), group)

@@ -24,8 +24,11 @@ import taskiq_redis
 from taskiq_redis import delays, keys, scripts
 from taskiq_redis.dashboard import connect_to, create_app
 from tests.dashboard_support import app_options, server_args
+from tests.queue_kinds import KINDS, make_broker
+from tests.queue_kinds import message as queue_message
 from tests.servers import StandaloneServer, Topology
 from tests.test_queues_cli import dead_letter_fields, kick, stream_broker
+from tests.test_task_ids import waiting as waiting_count
 
 TOKEN = re.compile(r'name="token" value="([^"]+)"')
 
@@ -122,7 +125,8 @@ async def test_queues_metrics_and_json_show_what_is_in_redis(
 async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
     topology: Topology, raw_redis: Any, board: Any, unique: str
 ) -> None:
-    """Names from Redis are shown as the characters they are, markup included."""
+    """Names from Redis are shown as the characters they are, markup included, in cells and in
+    the cancel buttons' fields."""
     queue = f"<i>q{unique}</i>"
     hostile = "<script>alert(1)</script>"
     broker = stream_broker(topology, queue, xread_count=1)
@@ -130,6 +134,7 @@ async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
     await raw_redis.xadd(queue, {"data": message(hostile, "pending-id")})
     listener = broker.listen()
     await asyncio.wait_for(anext(listener), 10)
+    await raw_redis.xadd(queue, {"data": message(hostile, "<b>waiting-id</b>")})
     due = await delays.add(
         broker.redis_connection, queue, message("later.task", "late-id"), 3_600_000
     )
@@ -153,6 +158,9 @@ async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
         assert escaped in pending.group(1)
         assert "pending-id" in pending.group(1)
         assert broker.consumer_name in pending.group(1)
+        waiting = re.search(r'<table id="waiting">(.*?)</table>', page.text, re.S)
+        assert waiting is not None
+        assert f"<td>{escaped}</td><td>&lt;b&gt;waiting-id&lt;/b&gt;</td>" in waiting.group(1)
         delayed = re.search(r'<table id="delayed">(.*?)</table>', page.text, re.S)
         assert delayed is not None
         due_text = datetime.fromtimestamp(due / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -166,6 +174,16 @@ async def test_queue_page_lists_pending_delayed_and_dead_letters_as_text(
         assert "<form" not in page.text
         assert "start the dashboard with --allow-actions" in page.text
         assert "script-src 'nonce-" in page.headers["content-security-policy"]
+
+        acting = await board(queue_names=[queue], allow_actions=True)
+        page = await acting.get(f"/queues/%3Ci%3Eq{unique}%3C%2Fi%3E")
+        assert "<b>waiting" not in page.text
+        assert '<input type="hidden" name="task_id" value="&lt;b&gt;waiting-id&lt;/b&gt;">' in (
+            page.text
+        )
+        assert 'data-confirm="Cancel task &lt;b&gt;waiting-id&lt;/b&gt;? It will never run."' in (
+            page.text
+        )
     finally:
         await listener.aclose()
         await broker.shutdown()
@@ -371,3 +389,89 @@ def test_the_command_says_in_one_line_when_the_extra_is_missing() -> None:
         "taskiq-redis: the dashboard needs starlette, which is not installed: "
         "pip install 'taskiq-redis[dashboard]'\n"
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_cancel_by_button_or_id_says_what_it_did_and_is_refused_without_leave(
+    kind: str, topology: Topology, raw_redis: Any, board: Any, unique: str
+) -> None:
+    """Waiting tasks (level 0 and above) and a delayed one are cancelled (their rows and
+    counts go); a task a worker took, an unknown id, an empty id or a group the queue lacks
+    are not, and say so."""
+    queue = f"cancel{kind}{unique}"
+    broker = make_broker(kind, topology, queue)
+    await broker.startup()
+    for name in ("taken", "target", "other"):
+        await broker.kick(queue_message(name))
+    await broker.kick(queue_message("parked", delay=3600))
+    await broker.kick(queue_message("urgent", priority=2))
+    # A worker takes the oldest: a stream entry delivered and not acknowledged; a list
+    # message popped.
+    if kind == "stream":
+        await raw_redis.xreadgroup("taskiq", "worker-1", {queue: ">"}, count=1)
+    else:
+        assert b'"task_id":"taken"' in await raw_redis.rpop(queue)
+    held = 1 if kind == "stream" else 0  # still in the stream, which XLEN counts
+    try:
+        read_only = await board(queue_names=[queue])
+        page = (await read_only.get(f"/queues/{queue}")).text
+        assert 'data-task="target"' in page
+        assert "<form" not in page
+        assert "to cancel waiting tasks" in page
+        refused = await read_only.post(
+            "/actions/cancel", data={"queue": queue, "token": "t", "task_id": "target"}
+        )
+        assert refused.status_code == 403
+        assert "Refused: this dashboard is read-only" in refused.text
+
+        http = await board(queue_names=[queue], allow_actions=True)
+        page = (await http.get(f"/queues/{queue}")).text
+        waiting = re.search(r'<table id="waiting">(.*?)</table>', page, re.S)
+        assert waiting is not None, page
+        listed = re.findall(r'data-task="([^"]*)"', waiting.group(1))
+        assert listed == ["urgent", "target", "other"]
+        assert 'name="task_id" value="target"' in waiting.group(1)
+        delayed = re.search(r'<table id="delayed">(.*?)</table>', page, re.S)
+        assert delayed is not None
+        assert 'name="task_id" value="parked"' in delayed.group(1)
+        assert '<form method="post" action="/actions/cancel" id="cancel-by-id">' in page
+        token_match = TOKEN.search(page)
+        assert token_match is not None
+        token = token_match.group(1)
+
+        async def cancel(task_id: str, token: str = token, **more: str) -> httpx.Response:
+            fields = {"queue": queue, "token": token, "task_id": task_id, **more}
+            answer: httpx.Response = await http.post("/actions/cancel", data=fields)
+            return answer
+
+        wrong = await cancel("target", token + "x")
+        assert wrong.status_code == 403
+        assert "the form&#x27;s token is not this dashboard&#x27;s" in wrong.text
+        assert await waiting_count(raw_redis, kind, queue) == 3 + held
+
+        urgent = await cancel("urgent")  # by id, as the form sends it: found at its level
+        assert "urgent: cancelled" in urgent.text
+        assert await waiting_count(raw_redis, kind, queue) == 2 + held
+
+        done = await cancel("target")
+        assert f"target: cancelled; it was waiting in {queue} and will never run." in done.text
+        assert 'class="banner ok"' in done.text
+        assert 'data-task="target"' not in done.text
+        assert await waiting_count(raw_redis, kind, queue) == 1 + held
+
+        parked = await cancel("parked")
+        assert "parked: cancelled" in parked.text
+        assert '<td data-field="delayed">0</td>' in parked.text
+        assert await raw_redis.zcard(keys.delayed_key(queue)) == 0
+
+        for task_id in ("taken", "nobody", "target"):  # held by a worker, unknown, gone
+            answer = await cancel(task_id)
+            assert f"{task_id}: not queued in {queue} (a worker holds it or ran it" in answer.text
+            assert 'class="banner error"' in answer.text
+        assert "Cancel refused: give the id" in (await cancel(" ")).text
+        if kind == "stream":
+            other = await cancel("other", group="elsewhere")
+            assert f"Cancel failed: &#x27;{queue}&#x27; has no consumer group" in other.text
+        assert await waiting_count(raw_redis, kind, queue) == 1 + held
+    finally:
+        await broker.shutdown()

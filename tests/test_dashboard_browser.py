@@ -27,9 +27,13 @@ from selenium.common.exceptions import (
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.wait import WebDriverWait
 
 from taskiq_redis import keys
 from tests.dashboard_support import ROOT, DashboardProcess, app_options
+from tests.queue_kinds import make_broker
+from tests.queue_kinds import message as queue_message
 from tests.servers import RedisServers, Topology
 from tests.test_dashboard import message
 from tests.test_queues_cli import dead_letter_fields, kick, stream_broker
@@ -214,6 +218,68 @@ async def test_mounted_under_a_path_its_links_refresh_and_actions_stay_there(
             wanted = dashboard.url + path
             await until(lambda: browser.current_url == wanted, name)  # noqa: B023
             assert browser.find_element(By.TAG_NAME, "h1").text == name
+
+
+def click(browser: WebDriver, selector: str) -> bool:
+    """Click what ``selector`` finds (for :func:`until`: a refresh may replace it meanwhile)."""
+    browser.find_element(By.CSS_SELECTOR, selector).click()
+    return True
+
+
+async def test_a_queue_page_refreshes_shows_every_level_and_cancels_with_the_button(
+    topology: Topology, browser: WebDriver, raw_redis: Any, unique: str
+) -> None:
+    queue = f"cancel-{unique}"
+    broker = make_broker("stream", topology, queue)
+    await broker.startup()
+    try:
+        await broker.kick(queue_message("held-high", priority=3))
+        await broker.kick(queue_message("target"))
+        high = keys.priority_key(queue, 3)
+        await raw_redis.xreadgroup("taskiq", "worker-1", {high: ">"}, count=1)
+        with DashboardProcess.cli(
+            topology, queue, "--allow-actions", "--refresh", "1"
+        ) as dashboard:
+            browser.get(f"{dashboard.url}/queues/{queue}")
+            browser.execute_script("window.notReloaded = true")
+            held = browser.find_element(By.CSS_SELECTOR, '#pending tr[data-level="3"]').text
+            assert held.startswith("3 ")
+            assert "held-high" in held
+            assert "worker-1" in held
+            await broker.kick(queue_message("later"))
+            await until(
+                lambda: browser.find_elements(By.CSS_SELECTOR, '#waiting tr[data-task="later"]'),
+                "the message kicked after the page opened",
+            )
+            assert browser.execute_script("return window.notReloaded") is True
+
+            button = '#waiting tr[data-task="target"] button[data-action="cancel"]'
+            await until(lambda: click(browser, button), "the cancel button")
+            WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+            assert browser.switch_to.alert.text == "Cancel task target? It will never run."
+            browser.switch_to.alert.accept()
+            status = await until(
+                lambda: browser.find_element(By.CSS_SELECTOR, '[role="status"]').text,
+                "the outcome of the cancel",
+            )
+            assert status == f"target: cancelled; it was waiting in {queue} and will never run."
+            assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-task="target"]') == []
+            assert browser.find_element(By.CSS_SELECTOR, '[data-field="length"]').text == "2"
+            left = [fields[b"data"] for _, fields in await raw_redis.xrange(queue)]
+            assert len(left) == 1
+            assert b'"task_id":"later"' in left[0]
+
+            await raw_redis.delete(queue, high)  # the key becomes something else: the page
+            await raw_redis.set(queue, "not a queue")  # keeps what it shows and says why
+            offline = await until(
+                lambda: browser.find_element(By.ID, "offline").text, "the reason not refreshed"
+            )
+            assert offline == (
+                f"Not refreshed: '{queue}' is a Redis string, not a stream or list queue; retrying."
+            )
+            assert browser.find_element(By.CSS_SELECTOR, '#waiting tr[data-task="later"]')
+    finally:
+        await broker.shutdown()
 
 
 @pytest.mark.parametrize("topology", ["single"], indirect=True)

@@ -495,5 +495,12 @@ async def test_the_cancel_command_says_what_it_did(topology: Topology, unique: s
         again = await asyncio.to_thread(run, [*command[:-1], *where])
         assert again.returncode == 1
         assert "waits: not queued" in again.stdout
+        # A group the queue does not have counts nothing as taken: refused, nothing deleted.
+        await broker.kick(message("held-elsewhere"))
+        wrong = [*command[:-2], "held-elsewhere", *where, "--consumer-group", "nope"]
+        refused = await asyncio.to_thread(run, wrong)
+        assert refused.returncode != 0
+        assert "has no consumer group 'nope'" in refused.stderr
+        assert await broker.cancel("held-elsewhere")
     finally:
         await broker.shutdown()

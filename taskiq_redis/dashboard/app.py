@@ -7,7 +7,7 @@ so the Redis connection is made by the first request, not at startup.
 
 Safety: read-only unless ``allow_actions=True``; actions are POST only and carry a token made
 for this application object (one per process) in a hidden form field, so another site cannot
-make an operator's browser requeue or purge; every answer forbids framing and inline scripts
+make an operator's browser requeue, purge or cancel; every answer forbids framing and inline scripts
 without this response's nonce.
 """
 
@@ -33,12 +33,13 @@ from starlette.responses import (
 from starlette.routing import Route
 from taskiq.abc.serializer import TaskiqSerializer
 
-from taskiq_redis import connection, dead_letters, queues
+from taskiq_redis import connection, dead_letters, queues, task_ids
 from taskiq_redis.brokers.base import BaseRedisBroker
-from taskiq_redis.dashboard import pages
+from taskiq_redis.dashboard import pages, queue_page
+from taskiq_redis.dashboard.markup import queue_path
 from taskiq_redis.dashboard.monitor import READ_ERRORS, Monitor, describe_error
 
-ACTIONS = ("requeue", "purge")
+ACTIONS = ("requeue", "purge", "cancel")
 # A form is a token, a queue name and an id: anything much larger is not one of ours.
 MAX_FORM_BYTES = 16_384
 # Outcomes of actions kept for the page the browser is sent to after the POST.
@@ -114,6 +115,11 @@ class Dashboard:
             lambda nonce: pages.message_page(base, title, message, nonce, back), status
         )
 
+    def unreadable(self, request: Request, title: str, error: BaseException, back: str) -> Response:
+        """A page that says Redis could not be read, and why."""
+        message = f"Redis cannot be read: {describe_error(error)}. Reload to try again."
+        return self.failed(request, title, message, 503, back)
+
     async def queues_page(self, request: Request) -> Response:
         overview = await self.monitor.overview()
         base = self.base(request)
@@ -151,35 +157,39 @@ class Dashboard:
         name = request.path_params["name"]
         outcome = self.outcomes.pop(request.query_params.get("outcome", ""), None)
         try:
-            detail = await self.monitor.queue(name)
+            found = await self.monitor.queue(name)
         except queues.QueueError as error:
             return self.failed(request, f"Queue {name}", str(error), 404, "/")
         except READ_ERRORS as error:
-            return self.failed(
-                request,
-                f"Queue {name}",
-                f"Redis cannot be read: {describe_error(error)}. Reload to try again.",
-                503,
-                pages.queue_path(name),
-            )
+            return self.unreadable(request, f"Queue {name}", error, queue_path(name))
         base = self.base(request)
         return self.html(
-            lambda nonce: pages.queue_page(
-                base, detail, nonce, self.allow_actions, self.token, outcome
+            lambda nonce: queue_page.queue_page(
+                base, found, nonce, self.allow_actions, self.token, outcome, self.refresh
             )
         )
+
+    async def queue_fragment(self, request: Request) -> Response:
+        """The refreshing part of a queue's page; when it cannot be read, why, in plain text
+        with an error status, so the page keeps what it shows and says why it is not fresh."""
+        name = request.path_params["name"]
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        try:
+            found = await self.monitor.queue(name)
+        except queues.QueueError as error:
+            return PlainTextResponse(str(error), 404, headers)
+        except READ_ERRORS as error:
+            return PlainTextResponse(f"Redis cannot be read: {describe_error(error)}", 503, headers)
+        fragment = queue_page.queue_fragment(
+            self.base(request), found, self.allow_actions, self.token
+        )
+        return HTMLResponse(fragment, headers=headers)
 
     async def schedules_page(self, request: Request) -> Response:
         try:
             rows = await self.monitor.schedules()
         except READ_ERRORS as error:
-            return self.failed(
-                request,
-                "Schedules",
-                f"Redis cannot be read: {describe_error(error)}. Reload to try again.",
-                503,
-                "/schedules",
-            )
+            return self.unreadable(request, "Schedules", error, "/schedules")
         base = self.base(request)
         prefix = self.monitor.schedule_prefix
         return self.html(lambda nonce: pages.schedules_page(base, rows, prefix, nonce))
@@ -188,13 +198,7 @@ class Dashboard:
         try:
             nodes = await self.monitor.scripts()
         except READ_ERRORS as error:
-            return self.failed(
-                request,
-                "Scripts",
-                f"Redis cannot be read: {describe_error(error)}. Reload to try again.",
-                503,
-                "/scripts",
-            )
+            return self.unreadable(request, "Scripts", error, "/scripts")
         base = self.base(request)
         return self.html(lambda nonce: pages.scripts_page(base, nodes, nonce))
 
@@ -205,7 +209,8 @@ class Dashboard:
         )
 
     async def action(self, request: Request) -> Response:
-        """Requeue or purge dead letters (all, or one by id), then show the queue page.
+        """Requeue or purge dead letters (all, or one by id) or cancel a waiting task, then
+        show the queue page.
 
         Refused (403, saying why) when actions are off or the form's token is not this
         process's; the outcome of an action that ran, failed or not, is shown on the queue page
@@ -223,13 +228,14 @@ class Dashboard:
                 "/",
             )
         queue = form.get("queue", [""])[0]
-        back = pages.queue_path(queue) if queue else "/"
+        back = queue_path(queue) if queue else "/"
         if not self.allow_actions:
             return self.failed(
                 request,
                 "Refused",
                 "Refused: this dashboard is read-only. Start it with --allow-actions "
-                "(create_app(..., allow_actions=True)) to requeue or purge dead letters.",
+                "(create_app(..., allow_actions=True)) to requeue or purge dead letters or to "
+                "cancel tasks.",
                 403,
                 back,
             )
@@ -247,13 +253,16 @@ class Dashboard:
             return self.failed(
                 request, "Refused", f"Refused: no action {action!r} on queue {queue!r}.", 404, back
             )
-        message, ok = await self.run(action, queue, form.get("id", []))
+        if action == "cancel":
+            message, ok = await self.cancel(queue, form)
+        else:
+            message, ok = await self.run(action, queue, form.get("id", []))
         self.monitor.invalidate()
         key = secrets.token_urlsafe(12)
         self.outcomes[key] = (message, ok)
         while len(self.outcomes) > KEPT_OUTCOMES:
             self.outcomes.popitem(last=False)
-        target = self.base(request) + pages.queue_path(queue) + "?outcome=" + quote(key)
+        target = self.base(request) + queue_path(queue) + "?outcome=" + quote(key)
         return RedirectResponse(target, 303)
 
     @staticmethod
@@ -296,6 +305,28 @@ class Dashboard:
             message += f" Not dead letters of {queue}, left alone: {', '.join(missing)}."
         return message, not missing
 
+    async def cancel(self, queue: str, form: dict[str, list[str]]) -> tuple[str, bool]:
+        """Cancel the form's ``task_id`` as ``taskiq-redis cancel`` does (the same queue, the
+        same call; no result is stored for its waiters, as the command stores none), for the
+        form's ``group``, else the queue's one group."""
+        task_id = form.get("task_id", [""])[0].strip()
+        if not task_id:
+            return "Cancel refused: give the id of the task to cancel.", False
+        try:
+            conn = await self.monitor.connection()
+            view = await queues.inspect(conn, queue, max_priority=self.monitor.max_priority)
+            target = queues.cancel_queue(view, form.get("group", [""])[0])
+            done = await task_ids.cancel(conn, target, task_id)
+        except ACTION_ERRORS as error:
+            return f"Cancel failed: {error}", False
+        if done:
+            return f"{task_id}: cancelled; it was waiting in {queue} and will never run.", True
+        return (
+            f"{task_id}: not queued in {queue} (a worker holds it or ran it, or the id is "
+            "unknown); nothing was cancelled.",
+            False,
+        )
+
 
 def create_app(
     target: connection.RedisConnection | BaseRedisBroker | None = None,
@@ -318,8 +349,8 @@ def create_app(
     in the application (its connection is shared, and not closed by the dashboard).
     ``queue_names`` limits the queues view to those queues (default: found by SCAN, as
     ``taskiq-redis queues`` does). ``refresh`` is the seconds between two refreshes of the
-    queues page. ``schedule_serializer`` must be the schedule sources' (they default to
-    pickle, as here).
+    queues page and of a queue's page. ``schedule_serializer`` must be the schedule sources'
+    (they default to pickle, as here).
     """
     if refresh <= 0:
         raise ValueError(f"refresh must be a positive number of seconds, got {refresh!r}")
@@ -358,6 +389,7 @@ def create_app(
     routes = [
         Route("/", dashboard.queues_page),
         Route("/fragments/queues", dashboard.queues_fragment),
+        Route("/fragments/queues/{name:path}", dashboard.queue_fragment),
         Route("/api/queues", dashboard.queues_json),
         Route("/queues/{name:path}", dashboard.queue_page),
         Route("/actions/{action}", dashboard.action, methods=["POST"]),

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -29,7 +28,9 @@ from taskiq.serializers import PickleSerializer
 
 from taskiq_redis import keys, list_schedule_source, queues, schedule_source, scripts
 from taskiq_redis.connection import RedisConnection
-from taskiq_redis.dead_letters import DeadLetter, dead_letters
+from taskiq_redis.dashboard import detail
+from taskiq_redis.dashboard.detail import PAGE_ENTRIES, QueueDetail, text
+from taskiq_redis.dead_letters import dead_letters
 from taskiq_redis.exceptions import TaskIQRedisError
 
 logger = logging.getLogger("taskiq.redis_dashboard")
@@ -39,9 +40,8 @@ READ_ERRORS: tuple[type[BaseException], ...] = (RedisError, TaskIQRedisError, OS
 # How long the charts reach back (seconds), and the most samples kept per queue.
 HISTORY_SECONDS = 600.0
 HISTORY_SAMPLES = 600
-# Entries the queue page lists per kind (pending, delayed, dead letters): enough to act on,
-# bounded so a queue of millions costs a page no more than a few short commands.
-PAGE_ENTRIES = 100
+# Queue pages kept for the refresh interval (one per queue being looked at).
+KEPT_DETAILS = 64
 # How far ahead a cron schedule's next run is looked for, minute by minute.
 CRON_HORIZON = timedelta(days=8)
 
@@ -77,39 +77,6 @@ class Overview:
 
 
 @dataclass(frozen=True)
-class PendingEntry:
-    """A stream entry a consumer took and has not acknowledged."""
-
-    id: str
-    group: str
-    consumer: str
-    idle_ms: int
-    deliveries: int
-    task_name: str | None
-    task_id: str | None
-
-
-@dataclass(frozen=True)
-class DelayedEntry:
-    """A message parked in the delayed set until ``due_ms`` (server clock, unix ms)."""
-
-    due_ms: int
-    level: int | None
-    task_name: str | None
-    task_id: str | None
-
-
-@dataclass
-class QueueDetail:
-    """The queue page: the queue's figures and the first entries of each kind."""
-
-    view: queues.QueueView
-    pending: list[PendingEntry]
-    delayed: list[DelayedEntry]
-    dead_letters: list[DeadLetter]
-
-
-@dataclass(frozen=True)
 class ScheduleRow:
     """A stored schedule and when it runs next (None: the scheduler alone knows)."""
 
@@ -126,28 +93,6 @@ class NodeScripts:
     node: str
     loaded: list[bool] | None
     error: str | None = None
-
-
-def task_of(data: bytes | None) -> tuple[str | None, str | None]:
-    """(task name, task id) of a taskiq message (JSON); None for what is not one."""
-    if data is None:
-        return None, None
-    try:
-        message = json.loads(data)
-    except ValueError:
-        return None, None
-    if not isinstance(message, dict):
-        return None, None
-    name, task_id = message.get("task_name"), message.get("task_id")
-    return (
-        name if isinstance(name, str) else None,
-        task_id if isinstance(task_id, str) else None,
-    )
-
-
-def text(value: Any) -> str:
-    """A Redis reply item as text, whatever bytes it holds."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def added_total(view: queues.QueueView) -> int | None:
@@ -212,6 +157,7 @@ class Monitor:
         self.connect_lock = asyncio.Lock()
         self.snapshot_lock = asyncio.Lock()
         self.fresh_until = 0.0
+        self.details: OrderedDict[str, tuple[float, QueueDetail]] = OrderedDict()
 
     async def connection(self) -> RedisConnection:
         """The connection, made on first use (see the class)."""
@@ -227,8 +173,10 @@ class Monitor:
             await conn.close()
 
     def invalidate(self) -> None:
-        """The next overview reads Redis again (after an action changed what it shows)."""
+        """The next overview and queue pages read Redis again (after an action changed what
+        they show)."""
         self.fresh_until = 0.0
+        self.details.clear()
 
     async def overview(self) -> Overview:
         """Every queue: the last snapshot if it is younger than ``min_age``, else a new one.
@@ -295,79 +243,23 @@ class Monitor:
                 del self.history[name]
 
     async def queue(self, name: str) -> QueueDetail:
-        """One queue's figures, its pending entries, delayed messages and dead letters."""
+        """One queue's figures, its pending and waiting entries at every level, delayed
+        messages and dead letters; shared, like the overview, for ``min_age`` seconds by every
+        page and refresh of that queue (a failed read is not kept)."""
+        kept = self.details.get(name)
+        if kept is not None and time.monotonic() < kept[0]:
+            return kept[1]
         conn = await self.connection()
         view = await queues.inspect(conn, name, max_priority=self.max_priority)
-        pending = await self.pending(conn, view) if view.kind == "stream" else []
-        delayed = await self.delayed(conn, name)
+        pending, waiting = await detail.entries(conn, view)
+        delayed = await detail.delayed(conn, name)
         letters = await dead_letters(conn, name, PAGE_ENTRIES) if view.dead_letters else []
-        return QueueDetail(view, pending, delayed, letters)
-
-    async def pending(self, conn: RedisConnection, view: queues.QueueView) -> list[PendingEntry]:
-        """The oldest pending entries of each group of the queue stream (level 0), with the
-        task each entry carries (one XRANGE per entry, sent together)."""
-        entries: list[PendingEntry] = []
-        for group in view.groups:
-            if len(entries) >= PAGE_ENTRIES:
-                break
-            try:  # parse_detail: redis-py's reading of the extended form's reply
-                rows = await conn.execute(
-                    "XPENDING",
-                    view.name,
-                    group.name,
-                    "-",
-                    "+",
-                    PAGE_ENTRIES - len(entries),
-                    parse_detail=True,
-                )
-            except RedisError:  # the group lives on a priority level stream only
-                continue
-            bodies = await asyncio.gather(
-                *(
-                    conn.execute("XRANGE", view.name, row["message_id"], row["message_id"])
-                    for row in rows
-                )
-            )
-            for row, body in zip(rows, bodies, strict=True):
-                data = None
-                if body:
-                    fields = body[0][1]
-                    data = fields.get(b"data") if isinstance(fields, dict) else None
-                task_name, task_id = task_of(data)
-                entries.append(
-                    PendingEntry(
-                        id=text(row["message_id"]),
-                        group=group.name,
-                        consumer=text(row["consumer"]),
-                        idle_ms=int(row["time_since_delivered"]),
-                        deliveries=int(row["times_delivered"]),
-                        task_name=task_name,
-                        task_id=task_id,
-                    )
-                )
-        return entries
-
-    async def delayed(self, conn: RedisConnection, name: str) -> list[DelayedEntry]:
-        """The first delayed messages to come due, with their due times and tasks."""
-        rows = await conn.execute(
-            "ZRANGE", keys.delayed_key(name), 0, PAGE_ENTRIES - 1, "WITHSCORES"
-        )
-        if rows and not isinstance(rows[0], list | tuple):  # redis-py 7 leaves the reply flat
-            rows = list(zip(rows[::2], rows[1::2], strict=True))
-        entries = []
-        for member, score in rows:
-            raw = member if isinstance(member, bytes) else str(member).encode()
-            _, level, message = [*raw.split(b":", 2), b"", b""][:3]
-            task_name, task_id = task_of(message)
-            entries.append(
-                DelayedEntry(
-                    due_ms=int(float(score)),
-                    level=int(level) if level.isdigit() else None,
-                    task_name=task_name,
-                    task_id=task_id,
-                )
-            )
-        return entries
+        found = QueueDetail(view, pending, waiting, delayed, letters)
+        self.details[name] = (time.monotonic() + self.min_age, found)
+        self.details.move_to_end(name)
+        while len(self.details) > KEPT_DETAILS:
+            self.details.popitem(last=False)
+        return found
 
     async def schedules(self) -> list[ScheduleRow]:
         """Every schedule the list-based and key-based sources hold under the prefix.
