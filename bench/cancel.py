@@ -77,7 +77,7 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
         "last": [],
         "middle": [],
         "absent": [],
-        "recorded": [],
+        "cancellable": [],
     }
     for round_no in range(rounds):
         queue = f"cancel-{kind}-{round_no}"
@@ -94,7 +94,7 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
             ("last", last),
             ("middle", ids[size // 2]),
             ("absent", "nope"),
-            ("recorded", recorded),
+            ("cancellable", recorded),
         ):
             await client.config_set("slowlog-max-len", 1024)
             await client.config_set("slowlog-log-slower-than", 0)
@@ -162,13 +162,13 @@ def main() -> None:
     with redis_server() as url:
         print(f"cancel in a queue of {args.size} messages (median of {args.rounds} rounds):")
         print(
-            f"{'queue':8}{'which':8}{'wall ms':>10}{'redis ms':>10}{'calls':>7}"
+            f"{'queue':8}{'which':12}{'wall ms':>10}{'redis ms':>10}{'calls':>7}"
             f"{'longest call ms':>17}  cancelled"
         )
         for kind in ("stream", "list"):
             for name, row in asyncio.run(measure(url, kind, args.size, args.rounds)).items():
                 print(
-                    f"{kind:8}{name:8}{row['wall_ms']:>10.1f}{row['redis_ms']:>10.1f}"
+                    f"{kind:8}{name:12}{row['wall_ms']:>10.1f}{row['redis_ms']:>10.1f}"
                     f"{row['calls']:>7}{row['longest_call_ms']:>17.2f}  {row['cancelled']}"
                 )
         print(f"\nkicks per second through the broker, 50 at a time (best of {args.rounds}):")
