@@ -7,6 +7,7 @@ XREADGROUP, so what is taken and what waits is known exactly.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -70,6 +71,20 @@ async def test_waiting_and_pending_entries_of_every_level_highest_first(
                 ("0", "task-low-taken"),
             ]
             assert "worker-1" in page
+            assert "released" not in page
+            # A stopping worker hands back what it holds: not an entry idle for 11574 days.
+            worker = make_broker(kind, topology, queue)
+            await worker.startup()
+            listener = worker.listen()
+            await asyncio.wait_for(anext(listener), 10)
+            await worker.shutdown()
+            for _ in range(50):  # the page is read again once its copy is 2 s old
+                page = (await client.http.get(f"/queues/{queue}")).text
+                if "released" in page:
+                    break
+                await asyncio.sleep(0.1)
+            assert "released, for the next reclaim" in page
+            assert "11574d" not in page
         else:
             assert "A list queue keeps no pending entries" in page
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from taskiq_redis.brokers.stream.claims import RELEASE_IDLE_MS
 from taskiq_redis.dashboard.detail import WAITING_ENTRIES, QueueDetail, Waiting
 from taskiq_redis.dashboard.markup import (
     CONFIRM_SCRIPT,
@@ -66,6 +67,13 @@ def summary(detail: QueueDetail) -> str:
     )
 
 
+def idle_text(idle_ms: int) -> str:
+    """How long an entry has waited since its delivery; ``released`` for one a stopping worker
+    handed back (its idle time set to :data:`RELEASE_IDLE_MS`, about 31 years, so the next
+    reclaim by any consumer takes it): not a stuck entry of 11574 days."""
+    return "released, for the next reclaim" if idle_ms >= RELEASE_IDLE_MS else age(idle_ms)
+
+
 def pending_table(detail: QueueDetail) -> str:
     return table(
         ["Priority", "Entry", "Task", "Task id", "Group", "Consumer", "Deliveries", "Idle"],
@@ -73,7 +81,7 @@ def pending_table(detail: QueueDetail) -> str:
             f'<tr data-entry="{e(p.id)}" data-level="{p.level}"><td class=n>{p.level}</td>'
             f"<td>{e(p.id)}</td><td>{dash(p.task_name)}</td><td>{dash(p.task_id)}</td>"
             f"<td>{e(p.group)}</td><td>{e(p.consumer)}</td><td class=n>{p.deliveries}</td>"
-            f"<td>{e(age(p.idle_ms))}</td></tr>"
+            f"<td>{e(idle_text(p.idle_ms))}</td></tr>"
             for p in detail.pending
         ],
         "No pending entries (taken by a consumer and not acknowledged)."
