@@ -57,7 +57,8 @@ def groups_cell(view: queues.QueueView) -> str:
             f'<div class="group" data-group="{e(group.name)}"><b>{e(group.name)}</b> '
             f'pending <span data-field="pending">{group.pending}</span>, '
             f'lag <span data-field="lag">{e(lag)}</span>, '
-            f"{len(group.consumers)} consumers<ul>{consumers}</ul></div>"
+            f"{len(group.consumers)} {'consumer' if len(group.consumers) == 1 else 'consumers'}"
+            f"<ul>{consumers}</ul></div>"
         )
     return f'<div class="groups">{"".join(parts)}</div>' if parts else "-"
 
