@@ -18,7 +18,6 @@ package (its connection is used).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -89,21 +88,6 @@ async def _dead_key(conn: RedisConnection, queue: str) -> str:
     return keys.dead_letter_key(queue)
 
 
-def _about_task(data: bytes | None) -> tuple[str | None, str | None]:
-    """(task_name, task_id) of a taskiq message's JSON, or None for what cannot be read."""
-    try:
-        message = json.loads(data) if data is not None else None
-    except ValueError:
-        return None, None
-    if not isinstance(message, dict):
-        return None, None
-    name, task_id = message.get("task_name"), message.get("task_id")
-    return (
-        name if isinstance(name, str) else None,
-        task_id if isinstance(task_id, str) else None,
-    )
-
-
 async def dead_letters(
     target: RedisConnection | BaseRedisBroker, queue: str, count: int = 100
 ) -> list[DeadLetter]:
@@ -118,7 +102,7 @@ async def dead_letters(
         fields = queues.as_fields(raw)
         deliveries = fields.get("deliveries")
         data = fields.get("data")
-        task_name, task_id = _about_task(data)
+        task_name, task_id = queues.task_of(data)
         letter_id = queues.as_text(entry_id)
         letters.append(
             DeadLetter(

@@ -16,6 +16,7 @@ does with dead letters is in :mod:`taskiq_redis.dead_letters`, built on the key 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -123,6 +124,22 @@ def as_text(value: Any) -> str:
     """A reply value as text, whether or not the connection decodes responses (bytes that are
     not UTF-8 are shown with replacement characters rather than failing a look)."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def task_of(data: bytes | None) -> tuple[str | None, str | None]:
+    """(task name, task id) of a taskiq message (JSON); None for what is not one, so a look at
+    a queue shows what it can of any message, malformed or from another formatter."""
+    try:
+        message = json.loads(data) if data is not None else None
+    except ValueError:
+        return None, None
+    if not isinstance(message, dict):
+        return None, None
+    name, task_id = message.get("task_name"), message.get("task_id")
+    return (
+        name if isinstance(name, str) else None,
+        task_id if isinstance(task_id, str) else None,
+    )
 
 
 def as_fields(raw: Any) -> dict[str, Any]:

@@ -16,7 +16,6 @@ id, as ``taskiq-redis cancel`` does (:func:`taskiq_redis.queues.cancel_queue`).
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,28 +96,6 @@ class GroupAt:
     lag: int | None
 
 
-def task_of(data: bytes | None) -> tuple[str | None, str | None]:
-    """(task name, task id) of a taskiq message (JSON); None for what is not one."""
-    if data is None:
-        return None, None
-    try:
-        message = json.loads(data)
-    except ValueError:
-        return None, None
-    if not isinstance(message, dict):
-        return None, None
-    name, task_id = message.get("task_name"), message.get("task_id")
-    return (
-        name if isinstance(name, str) else None,
-        task_id if isinstance(task_id, str) else None,
-    )
-
-
-def text(value: Any) -> str:
-    """A Redis reply item as text, whatever bytes it holds."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def data_of(fields: Any) -> bytes | None:
     """The ``data`` field of a stream entry as redis-py parses XRANGE (a dict of bytes)."""
     return fields.get(b"data") if isinstance(fields, dict) else None
@@ -168,8 +145,8 @@ async def groups_at(conn: RedisConnection, key: str) -> list[GroupAt]:
     found = [queues.as_fields(row) for row in rows]
     return [
         GroupAt(
-            text(row["name"]),
-            text(row["last-delivered-id"]),
+            queues.as_text(row["name"]),
+            queues.as_text(row["last-delivered-id"]),
             None if row.get("lag") is None else int(row["lag"]),
         )
         for row in found
@@ -193,13 +170,13 @@ async def stream_pending(
             *(conn.execute("XRANGE", key, row["message_id"], row["message_id"]) for row in rows)
         )
         for row, body in zip(rows, bodies, strict=True):
-            task_name, task_id = task_of(data_of(body[0][1]) if body else None)
+            task_name, task_id = queues.task_of(data_of(body[0][1]) if body else None)
             found.append(
                 PendingEntry(
-                    id=text(row["message_id"]),
+                    id=queues.as_text(row["message_id"]),
                     level=level,
                     group=group.name,
-                    consumer=text(row["consumer"]),
+                    consumer=queues.as_text(row["consumer"]),
                     idle_ms=int(row["time_since_delivered"]),
                     deliveries=int(row["times_delivered"]),
                     task_name=task_name,
@@ -229,7 +206,10 @@ async def stream_waiting(
             level,
             group,
             total,
-            [WaitingEntry(text(entry_id), *task_of(data_of(fields))) for entry_id, fields in found],
+            [
+                WaitingEntry(queues.as_text(entry_id), *queues.task_of(data_of(fields)))
+                for entry_id, fields in found
+            ],
         )
         for (group, _, total), found in zip(starts, rows, strict=True)
         if found or group is not None
@@ -245,7 +225,7 @@ async def list_waiting(conn: RedisConnection, view: queues.QueueView, level: int
         level,
         None,
         level_length(view, level),
-        [WaitingEntry(None, *task_of(message)) for message in reversed(newest_first)],
+        [WaitingEntry(None, *queues.task_of(message)) for message in reversed(newest_first)],
     )
 
 
@@ -258,7 +238,7 @@ async def delayed(conn: RedisConnection, name: str) -> list[DelayedEntry]:
     for member, score in rows:
         raw = member if isinstance(member, bytes) else str(member).encode()
         _, level, message = [*raw.split(b":", 2), b"", b""][:3]
-        task_name, task_id = task_of(message)
+        task_name, task_id = queues.task_of(message)
         found.append(
             DelayedEntry(
                 due_ms=int(float(score)),

@@ -29,7 +29,7 @@ from taskiq.serializers import PickleSerializer
 from taskiq_redis import keys, list_schedule_source, queues, schedule_source, scripts
 from taskiq_redis.connection import RedisConnection
 from taskiq_redis.dashboard import detail
-from taskiq_redis.dashboard.detail import PAGE_ENTRIES, QueueDetail, text
+from taskiq_redis.dashboard.detail import PAGE_ENTRIES, QueueDetail
 from taskiq_redis.dead_letters import dead_letters
 from taskiq_redis.exceptions import TaskIQRedisError
 
@@ -298,7 +298,7 @@ class Monitor:
         batch = schedule_source.MIN_READ_BATCH
         while True:
             page = await conn.execute("ZRANGE", key, start, "+", "BYLEX", "LIMIT", 0, batch)
-            members += [text(member) for member in page]
+            members += [queues.as_text(member) for member in page]
             if len(page) < batch:
                 return members
             start = b"(" + page[-1]
