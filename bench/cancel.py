@@ -67,10 +67,21 @@ async def fill(url: str, kind: str, queue: str, size: int, broker: Any) -> list[
     return [*ids, recorded]
 
 
+async def started_broker(url: str, kind: str, queue: str) -> Any:
+    """A started stream or list broker of ``queue``."""
+    import taskiq_redis
+
+    broker: Any = (
+        taskiq_redis.RedisStreamBroker(url, queue_name=queue)
+        if kind == "stream"
+        else taskiq_redis.ListQueueBroker(url, queue_name=queue)
+    )
+    await broker.startup()
+    return broker
+
+
 async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]:
     from redis.asyncio import Redis
-
-    import taskiq_redis
 
     client = Redis.from_url(url)
     results: dict[str, list[tuple[float, float, bool, float, int]]] = {
@@ -81,12 +92,7 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
     }
     for round_no in range(rounds):
         queue = f"cancel-{kind}-{round_no}"
-        broker: Any = (
-            taskiq_redis.RedisStreamBroker(url, queue_name=queue)
-            if kind == "stream"
-            else taskiq_redis.ListQueueBroker(url, queue_name=queue)
-        )
-        await broker.startup()
+        broker = await started_broker(url, kind, queue)
         *ids, recorded = await fill(url, kind, queue, size, broker)
         # a list is looked through from its head (the newest): its worst case is the oldest
         last = ids[-1] if kind == "stream" else ids[0]
@@ -125,18 +131,12 @@ async def measure(url: str, kind: str, size: int, rounds: int) -> dict[str, Any]
 async def kick_cost(url: str, kind: str, kicks: int, rounds: int) -> tuple[float, float]:
     """Kicks per second through the broker, 50 at a time: plain, and labelled cancellable
     (best of ``rounds``, the two alternating)."""
-    import taskiq_redis
 
     best = {False: 0.0, True: 0.0}
     for round_no in range(rounds):
         for labelled in (False, True):
             queue = f"kicks-{kind}-{round_no}-{labelled}"
-            broker: Any = (
-                taskiq_redis.RedisStreamBroker(url, queue_name=queue)
-                if kind == "stream"
-                else taskiq_redis.ListQueueBroker(url, queue_name=queue)
-            )
-            await broker.startup()
+            broker = await started_broker(url, kind, queue)
             labels = {"cancellable": True} if labelled else {}
             messages = [broker_message(uuid.uuid4().hex, n, **labels) for n in range(kicks)]
 

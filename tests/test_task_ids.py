@@ -326,12 +326,8 @@ async def receive_all(broker: Any, count: int) -> Any:
         await listener.aclose()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-async def test_unique_kicks_and_cancel_in_a_real_worker(
-    kind: str, topology: Topology, unique: str
-) -> None:
-    queue = f"worker{kind}{unique}"
-    config = {
+def worker_config_for(kind: str, topology: Topology, queue: str) -> dict[str, Any]:
+    return {
         "broker": broker_class(kind, topology),
         "broker_kwargs": {**topology.kwargs(), "queue_name": queue},
         "backend": backend_class(topology),
@@ -339,6 +335,14 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
         if topology.name != "sentinel"
         else topology.kwargs(),
     }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_unique_kicks_and_cancel_in_a_real_worker(
+    kind: str, topology: Topology, unique: str
+) -> None:
+    queue = f"worker{kind}{unique}"
+    config = worker_config_for(kind, topology, queue)
     producer: Any = make_broker(kind, topology, queue).with_result_backend(make_backend(topology))
     await producer.startup()
 
@@ -379,17 +383,6 @@ async def test_unique_kicks_and_cancel_in_a_real_worker(
         assert "was cancelled" in str(result.error)
     finally:
         await producer.shutdown()
-
-
-def worker_config_for(kind: str, topology: Topology, queue: str) -> dict[str, Any]:
-    return {
-        "broker": broker_class(kind, topology),
-        "broker_kwargs": {**topology.kwargs(), "queue_name": queue},
-        "backend": backend_class(topology),
-        "backend_kwargs": topology.kwargs(url_param="redis_url")
-        if topology.name != "sentinel"
-        else topology.kwargs(),
-    }
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -144,21 +144,30 @@ def delayed_table(base: str, detail: QueueDetail, allow_actions: bool, token: st
     )
 
 
+def requeue_and_purge(
+    base: str, queue: str, token: str, what: str, fields: dict[str, str], confirm: str
+) -> str:
+    """The two dead-letter buttons, for all of a queue's (``what``) or one (``fields``)."""
+    return (
+        action_form(base, "requeue", queue, token, f"Requeue{what}", fields)
+        + " "
+        + action_form(base, "purge", queue, token, f"Purge{what}", fields, confirm=confirm)
+    )
+
+
 def dead_letter_section(base: str, detail: QueueDetail, allow_actions: bool, token: str) -> str:
     view = detail.view
     out = []
     if detail.dead_letters and allow_actions:
         out.append(
             '<div class="actions">'
-            + action_form(base, "requeue", view.name, token, "Requeue all dead letters")
-            + " "
-            + action_form(
+            + requeue_and_purge(
                 base,
-                "purge",
                 view.name,
                 token,
-                "Purge all dead letters",
-                confirm=f"Delete every dead letter of {view.name}? This cannot be undone.",
+                " all dead letters",
+                {},
+                f"Delete every dead letter of {view.name}? This cannot be undone.",
             )
             + "</div>"
         )
@@ -166,19 +175,8 @@ def dead_letter_section(base: str, detail: QueueDetail, allow_actions: bool, tok
     for letter in detail.dead_letters:
         buttons = ""
         if allow_actions:
-            one = {"id": letter.id}
-            buttons = (
-                action_form(base, "requeue", view.name, token, "Requeue", one)
-                + " "
-                + action_form(
-                    base,
-                    "purge",
-                    view.name,
-                    token,
-                    "Purge",
-                    one,
-                    confirm=f"Delete dead letter {letter.id}?",
-                )
+            buttons = requeue_and_purge(
+                base, view.name, token, "", {"id": letter.id}, f"Delete dead letter {letter.id}?"
             )
         rows.append(
             f'<tr data-letter="{e(letter.id)}"><td>{e(letter.id)}</td>'
