@@ -302,25 +302,16 @@ def _seconds(milliseconds: int) -> str:
 
 
 async def _queues(redis: connection.RedisConnection, args: argparse.Namespace) -> Outcome:
-    names, complete = list(args.queue), None
+    found = await queues.survey(
+        redis, list(args.queue), args.scan_limit, args.max_priority, (queues.QueueError, RedisError)
+    )
+    views, problems, complete = found.views, found.problems, found.complete
     warnings = []
-    if not names:
-        names, complete = await queues.discover(redis, args.scan_limit)
-        if not complete:
-            warnings.append(
-                "the scan stopped at --scan-limit on some primary; "
-                "the list may miss queues (name them, or raise --scan-limit)"
-            )
-    views, problems = [], []
-    for name in names:  # a queue that cannot be read is reported; it hides no other
-        try:
-            view = await queues.inspect(
-                redis, name, strict=complete is None, max_priority=args.max_priority
-            )
-        except (queues.QueueError, RedisError) as error:
-            problems.append(f"{name}: {error}" if name not in str(error) else str(error))
-        else:
-            views.append(view)
+    if complete is False:
+        warnings.append(
+            "the scan stopped at --scan-limit on some primary; "
+            "the list may miss queues (name them, or raise --scan-limit)"
+        )
     if args.json:
         document = {
             "queues": [view.as_dict() for view in views],

@@ -404,6 +404,42 @@ async def discover(
     return sorted(found), complete
 
 
+@dataclass
+class Survey:
+    """Every queue one look shows, the ones that could not be read (each a line naming it),
+    and whether discovery scanned to its end (None: the queues were named)."""
+
+    views: list[QueueView]
+    problems: list[str]
+    complete: bool | None
+
+
+async def survey(
+    target: RedisConnection | BaseRedisBroker,
+    names: list[str],
+    scan_limit: int = DEFAULT_SCAN_LIMIT,
+    max_priority: int = ALL_LEVELS,
+    tolerated: tuple[type[Exception], ...] = (QueueError,),
+) -> Survey:
+    """What ``taskiq-redis queues`` and the dashboard's queues page show: the queues named, else
+    those :func:`discover` finds, each inspected. A queue that fails with one of ``tolerated``
+    is a problem naming it and hides no other (a discovered key of another type is shown
+    without a length rather than refused)."""
+    conn = connection_of(target)
+    complete = None
+    if not names:
+        names, complete = await discover(conn, scan_limit)
+    views, problems = [], []
+    for name in names:
+        try:
+            views.append(
+                await inspect(conn, name, strict=complete is None, max_priority=max_priority)
+            )
+        except tolerated as error:
+            problems.append(f"{name}: {error}" if name not in str(error) else str(error))
+    return Survey(views, problems, complete)
+
+
 DEFAULT_GROUP = "taskiq"
 
 

@@ -207,26 +207,17 @@ class Monitor:
     async def read_overview(self) -> Overview:
         """What ``taskiq-redis queues`` prints, as data (the same calls, the same rules)."""
         conn = await self.connection()
-        names, complete = list(self.queue_names), None
-        problems = []
-        if not names:
-            names, complete = await queues.discover(conn, self.scan_limit)
-            if not complete:
-                problems.append(
-                    "the scan stopped at the scan limit on some primary; the list may miss "
-                    "queues (name them, or raise --scan-limit)"
-                )
-        views = []
-        for name in names:
-            try:
-                views.append(
-                    await queues.inspect(
-                        conn, name, strict=complete is None, max_priority=self.max_priority
-                    )
-                )
-            except queues.QueueError as error:
-                problems.append(str(error))
-        return Overview(views, problems, complete, None, time.time())
+        found = await queues.survey(
+            conn, list(self.queue_names), self.scan_limit, self.max_priority
+        )
+        problems = found.problems
+        if found.complete is False:
+            problems.insert(
+                0,
+                "the scan stopped at the scan limit on some primary; the list may miss "
+                "queues (name them, or raise --scan-limit)",
+            )
+        return Overview(found.views, problems, found.complete, None, time.time())
 
     def record(self, overview: Overview) -> None:
         """Add a sample per queue; forget samples older than the charts reach."""
