@@ -18,6 +18,7 @@ import redis.asyncio
 from taskiq_redis import keys
 from taskiq_redis.dashboard import create_app
 from taskiq_redis.dashboard.detail import WAITING_ENTRIES
+from tests.command_counts import commands_during
 from tests.dashboard_support import app_options
 from tests.queue_kinds import KINDS, make_broker
 from tests.queue_kinds import message as queue_message
@@ -108,15 +109,9 @@ async def test_a_queue_page_reads_a_bounded_slice_and_never_keys(unique: str) ->
 
         client = Client(create_app(url=server.url, refresh=30))
 
-        async def counts() -> dict[str, int]:
-            stats = await raw.info("commandstats")
-            return {k: int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
-
         async def spent(path: str) -> tuple[dict[str, int], str]:
-            before = await counts()
-            text = (await client.http.get(path)).text
-            after = await counts()
-            return {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}, text
+            commands, response = await commands_during(raw, client.http.get(path))
+            return commands, response.text
 
         try:
             await client.http.get("/fragments/queues")  # connected, as after the first look

@@ -34,6 +34,7 @@ from taskiq_redis import (
 )
 from taskiq_redis.list_schedule_source import BaseListRedisScheduleSource
 from taskiq_redis.schedule_source import BaseRedisScheduleSource
+from tests.command_counts import commands_during
 from tests.servers import AsyncRedisClient, RedisServers, Topology, start_servers
 from tests.test_schedule_source import (
     base_of,
@@ -558,20 +559,8 @@ def private_server() -> Iterator[RedisServers]:
 async def commands_of(
     raw: AsyncRedisClient, source: Source
 ) -> tuple[dict[str, int], list[ScheduledTask]]:
-    """What ``source.get_schedules()`` returns and the commands Redis ran for it.
-
-    Commands run inside a script count too: INFO commandstats counts every call.
-    """
-
-    async def counts() -> dict[str, int]:
-        stats = await raw.info("commandstats")
-        return {name: int(stat["calls"]) for name, stat in stats.items() if name != "cmdstat_info"}
-
-    before = await counts()
-    schedules = await source.get_schedules()
-    after = await counts()
-    spent = {name: calls - before.get(name, 0) for name, calls in after.items()}
-    return {name: calls for name, calls in spent.items() if calls}, schedules
+    """What ``source.get_schedules()`` returns and the commands Redis ran for it."""
+    return await commands_during(raw, source.get_schedules())
 
 
 async def add_crons(source: Source, numbers: range) -> None:
