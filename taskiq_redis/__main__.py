@@ -207,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument(
         "--allow-actions",
         action="store_true",
-        help="show the buttons that requeue and purge dead letters (default: read-only)",
+        help="show the buttons that requeue and purge dead letters and cancel waiting tasks "
+        "(default: read-only)",
     )
     board.add_argument(
         "--schedule-prefix",

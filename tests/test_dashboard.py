@@ -28,7 +28,7 @@ from tests.dashboard_support import app_options, server_args
 from tests.queue_kinds import KINDS, make_broker
 from tests.queue_kinds import message as queue_message
 from tests.servers import StandaloneServer, Topology
-from tests.test_queues_cli import dead_letter_fields, kick, stream_broker
+from tests.test_queues_cli import dead_letter_fields, five_kicked_two_held, kick, stream_broker
 from tests.test_task_ids import waiting as waiting_count
 
 TOKEN = re.compile(r'name="token" value="([^"]+)"')
@@ -77,13 +77,7 @@ async def test_queues_metrics_and_json_show_what_is_in_redis(
     topology: Topology, raw_redis: Any, board: Any, unique: str
 ) -> None:
     queue, plain = f"view{unique}", f"plain{unique}"
-    broker = stream_broker(topology, queue, xread_count=2)
-    await broker.startup()
-    for number in range(5):
-        await kick(broker, f"n{number}")
-    listener = broker.listen()
-    for _ in range(2):  # taken, not acknowledged: pending
-        await asyncio.wait_for(anext(listener), 10)
+    broker, listener = await five_kicked_two_held(topology, queue)
     await raw_redis.xadd(keys.dead_letter_key(queue), dead_letter_fields(b"x", queue, "1-1"))
     await raw_redis.lpush(plain, "a", "b", "c")
     http = await board(queue_names=[queue, plain])

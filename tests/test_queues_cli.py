@@ -10,11 +10,12 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from taskiq import BrokerMessage
+from taskiq import AckableMessage, BrokerMessage
 from taskiq.kicker import AsyncKicker
 
 import taskiq_redis
@@ -71,6 +72,21 @@ async def kick(broker: Any, name: str) -> None:
     await kicker.kiq(name)
 
 
+async def five_kicked_two_held(
+    topology: Topology, queue: str
+) -> tuple[BaseStreamBroker, AsyncGenerator[AckableMessage, None]]:
+    """A started stream broker of ``queue`` with five tasks kicked and two of them read and not
+    acknowledged (pending for its consumer, three waiting), and its listener to close."""
+    broker = stream_broker(topology, queue, xread_count=2)
+    await broker.startup()
+    for number in range(5):
+        await kick(broker, f"n{number}")
+    listener = broker.listen()
+    for _ in range(2):
+        await asyncio.wait_for(anext(listener), 10)
+    return broker, listener
+
+
 def dead_letter_fields(data: bytes | None, queue: str, entry_id: str) -> dict[str, Any]:
     """A dead letter as the stream broker writes it (see BaseStreamBroker._dead_letter)."""
     about = {"reason": "test", "stream": queue, "id": entry_id, "deliveries": 3, "group": "g"}
@@ -81,13 +97,7 @@ async def test_queues_shows_what_is_in_redis(
     topology: Topology, raw_redis: Any, unique: str
 ) -> None:
     queue, plain = f"view{unique}", f"plain{unique}"
-    broker = stream_broker(topology, queue, xread_count=2)
-    await broker.startup()
-    for number in range(5):
-        await kick(broker, f"n{number}")
-    listener = broker.listen()
-    for _ in range(2):  # read, not acknowledged: pending for this consumer
-        await asyncio.wait_for(anext(listener), 10)
+    broker, listener = await five_kicked_two_held(topology, queue)
     await delays.add(broker._conn, queue, b"later", 60_000)
     for number in range(2):
         await raw_redis.xadd(
