@@ -90,6 +90,7 @@ bench: install
 	$(BIN)/python bench/schedules.py
 	$(BIN)/python bench/worker_drain.py
 	$(BIN)/python bench/cancel.py
+	$(BIN)/python bench/slow_reply.py
 
 redis-up: install
 	mkdir -p .redis

@@ -9,7 +9,6 @@ cannot fix are raised at once, saying what to do.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from taskiq import AckableMessage, BrokerMessage, TaskiqMessage, TaskiqResult
 from taskiq.abc.broker import AsyncBroker
 
@@ -302,43 +301,44 @@ async def test_a_paused_cluster_node_delays_only_its_own_commands(
 
 
 @pytest.mark.parametrize("topology", ["single"], indirect=True)
-async def test_a_small_command_beside_a_64_mb_read_waits_no_longer_than_plain_redis_py(
+async def test_a_small_command_beside_a_64_mb_read_does_not_wait_for_it(
     topology: Topology, raw_redis: AsyncRedisClient, unique: str
 ) -> None:
+    """A lane busy with a long reply is not where the next command queues.
+
+    Asserted by order, not by time: on one connection Redis answers in order, so a command
+    queued behind the 64 MB reply can only come back after it. How long either takes is for
+    ``make bench`` (a shared machine's timings are no test); ``docs/design.md`` has the figures.
+    """
     big, small = f"{unique}:big", f"{unique}:small"
     await raw_redis.set(big, b"x" * (64 * 1024 * 1024))
     await raw_redis.set(small, 1)
     ours = connection.single_node(topology.url)
-    plain_pool = BlockingConnectionPool.from_url(topology.url)
-    plain = Redis(connection_pool=plain_pool)
 
-    async def latency(execute: Callable[..., Any]) -> float:
-        reading = asyncio.ensure_future(execute("GET", big))
+    async def first_back() -> str:
+        order: list[str] = []
+
+        async def read(key: str) -> None:
+            await ours.execute("GET", key)
+            order.append(key)
+
+        reading = asyncio.ensure_future(read(big))
         await asyncio.sleep(0.01)  # the big reply is on its way
-        started = time.monotonic()
-        assert await execute("EXISTS", small) == 1
-        took = time.monotonic() - started
-        assert len(await reading) == 64 * 1024 * 1024
-        return took
+        await read(small)
+        await reading
+        return order[0]
 
     try:
-        ours_times, plain_times = [], []
         await ours.execute("PING")
-        await plain.execute_command("PING")  # type: ignore[no-untyped-call]
-        for _ in range(9):  # alternated, so each pair sees the same machine load
-            ours_times.append(await latency(ours.execute))
-            plain_times.append(await latency(plain.execute_command))
-        # Each pair's ratio, with 5 ms of slack (both are a few ms when the read does not hold
-        # the event loop); the median pair, as a suite running tests in parallel disturbs some.
-        pairs = list(zip(ours_times, plain_times, strict=True))
-        ratios = [(o - 0.005) / p for o, p in pairs]
-        shown = [f"{o * 1000:.0f}/{p * 1000:.0f}" for o, p in pairs]
-        assert statistics.median(ratios) <= 1.5, f"ours/redis-py ms per pair: {shown}"
+        firsts = [await first_back() for _ in range(9)]
+        # Behind the big reply, the small one is never first (a pool of one connection shows
+        # it: 9 of 9 big). On a lane of its own it comes back within a few ms, while the big
+        # one needs a hundred; "most" rather than "all" leaves room for a round the machine's
+        # load stretched the 10 ms sleep over most of the big read.
+        assert firsts.count(small) >= 6, f"first back, per round: {firsts}"
     finally:
         await raw_redis.delete(big)
         await ours.close()
-        await plain.aclose()
-        await plain_pool.disconnect()
 
 
 @pytest.mark.parametrize("topology", ["cluster"], indirect=True)
